@@ -1,0 +1,57 @@
+"""Command-line plumbing shared by every role: argument errors exit 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
+
+from .errors import SocklabError, UsageError
+from . import units
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one plain line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def size_arg(text: str) -> int:
+    """argparse type for sizes ('64KiB')."""
+    try:
+        return units.parse_size_bytes(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def duration_arg(text: str) -> float:
+    """argparse type for durations in seconds ('20ms', '1.5s'; bare numbers are seconds)."""
+    try:
+        return units.parse_duration_s(text, bare_unit_s=1.0)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> NoReturn:
+    """Run a role's main, turning SocklabError into its sentence and exit code."""
+    try:
+        code = main(argv)
+    except SocklabError as exc:
+        print(f"socklab: {exc}", file=sys.stderr)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code)
