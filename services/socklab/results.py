@@ -1,0 +1,50 @@
+"""Result lines: every role prints exactly one JSON object when it finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Any
+
+from . import RESULT_KEY, RESULT_SCHEMA
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def emit_result(result: dict[str, Any], result_file: str | None = None) -> None:
+    """Print ``result`` as one JSON line tagged with the result key and schema.
+
+    With ``result_file`` the same line is also written there (atomically), for
+    the demonstration whose summary reads results from a shared volume.
+    """
+    record = {RESULT_KEY: RESULT_SCHEMA, **result}
+    line = json.dumps(record, separators=(",", ":"), sort_keys=False)
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if result_file:
+        tmp = f"{result_file}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+        os.replace(tmp, result_file)
+
+
+def find_results(text: str) -> list[dict[str, Any]]:
+    """Every result line in ``text`` (a container's log), in order."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("{") or RESULT_KEY not in line:
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and obj.get(RESULT_KEY) == RESULT_SCHEMA:
+            found.append(obj)
+    return found
