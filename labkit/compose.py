@@ -1,0 +1,86 @@
+"""A Compose project of the lab: the boundary between socklab and `docker compose`.
+
+Each case (and each lab test) runs in its own project, named uniquely, so runs
+never share containers or networks and a teardown removes exactly one run's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from . import proc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = REPO_ROOT / "compose.yaml"
+# Every container, network and volume the lab creates carries this label, so
+# `lab.py clean` can find them and nothing else.
+LAB_LABEL = "io.socklab.lab"
+
+
+@dataclass
+class ComposeProject:
+    """`docker compose -p NAME -f compose.yaml [-f override]` with a fixed environment."""
+
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    files: Sequence[Path] = (COMPOSE_FILE,)
+
+    def _argv(self, *args: str) -> list[str]:
+        argv = ["docker", "compose", "-p", self.name]
+        for path in self.files:
+            argv += ["-f", str(path)]
+        return argv + list(args)
+
+    def _env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.env)
+        env.update(extra or {})
+        return env
+
+    def compose(
+        self, *args: str, env: Mapping[str, str] | None = None, check: bool = True,
+        timeout_s: float | None = None,
+    ) -> proc.Completed:
+        """Run one `docker compose` subcommand in this project."""
+        return proc.run(self._argv(*args), env=self._env(env), cwd=str(REPO_ROOT),
+                        check=check, timeout_s=timeout_s)
+
+    def build(self, *services: str) -> None:
+        """Build the lab image (cached layers make a rebuild fast)."""
+        self.compose("build", *services, timeout_s=900)
+
+    def up(self, *services: str, env: Mapping[str, str] | None = None, wait: bool = True) -> None:
+        """Start ``services`` detached; with ``wait``, until they are healthy or running."""
+        args = ["up", "-d", "--no-build"]
+        if wait:
+            args += ["--wait", "--wait-timeout", "60"]
+        self.compose(*args, *services, env=env, timeout_s=120)
+
+    def run(
+        self, service: str, *args: str, env: Mapping[str, str] | None = None,
+        check: bool = True, timeout_s: float | None = 300, detach: bool = False,
+        container_name: str | None = None,
+    ) -> proc.Completed:
+        """`docker compose run --rm SERVICE ARGS...` (or detached, kept by name)."""
+        opts = ["run", "--no-build", "--use-aliases"]
+        opts += ["-d"] if detach else ["--rm"]
+        if container_name:
+            opts += ["--name", container_name]
+        return self.compose(*opts, service, *args, env=env, check=check, timeout_s=timeout_s)
+
+    def exec(self, service: str, *argv: str, user: str | None = None, check: bool = True,
+             timeout_s: float | None = 300) -> proc.Completed:
+        """Run ``argv`` in the running container of ``service``."""
+        opts = ["exec", "-T"] + (["-u", user] if user else [])
+        return self.compose(*opts, service, *argv, check=check, timeout_s=timeout_s)
+
+    def logs(self, *services: str) -> str:
+        """Everything the services printed, without colour or prefixes."""
+        return self.compose("logs", "--no-color", "--no-log-prefix", *services, check=False).stdout
+
+    def down(self) -> None:
+        """Remove the project's containers, networks and volumes."""
+        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout_s=120)
