@@ -1,0 +1,29 @@
+"""Link shaping inside a lab container: model, tc plans, backends, executor, CLI.
+
+Commands are built by pure functions (``build_plan``, ``build_teardown``) and
+run in one place (``runner.run``), in the manner of Mininet's link.py.
+"""
+
+from .backends import Backend, NetemBackend, build_plan, choose_backend, get_backend
+from .caps import Capabilities, probe_capabilities
+from .commands import apply_from_env, apply_spec, main, set_link, show_link, teardown
+from .model import (
+    LinkChanges,
+    LinkShape,
+    LinkSpec,
+    backend_from_env,
+    changes_from_assignments,
+    link_spec_from_env,
+    link_spec_from_mapping,
+)
+from .plan import build_teardown
+from .runner import Runner, ShapingError, run
+from .show import qdisc_stats
+
+__all__ = [
+    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner",
+    "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan", "build_teardown",
+    "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
+    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "run", "set_link",
+    "show_link", "teardown",
+]

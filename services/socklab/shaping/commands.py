@@ -1,0 +1,369 @@
+"""Applying, changing and showing a container's link, and `python -m socklab shape`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..cli import ArgumentParser
+from ..errors import EngineError, UsageError
+from .backends import Backend, choose_backend, get_backend
+from .caps import Capabilities, probe_capabilities
+from .model import (
+    ENV_DEV,
+    ENV_IFB,
+    ENV_STATE,
+    LinkChanges,
+    LinkSpec,
+    backend_from_env,
+    changes_from_assignments,
+    changes_from_env,
+)
+from .plan import INGRESS_HANDLE, NETEM_HANDLE, ROOT_HANDLE, build_teardown
+from .runner import Runner, ShapingError, run
+from .show import link_names, qdisc_stats
+
+DEFAULT_DEV = "eth0"
+DEFAULT_IFB = "ifb0"
+# In the container's own /run (a tmpfs that dies with it), so a later
+# `docker exec ... shape set` or `shape show` knows what `apply` did.
+DEFAULT_STATE_PATH = "/run/socklab/link.json"
+UNSHAPED = "none"
+
+log = logging.getLogger("socklab.shaping")
+
+
+def state_path_from(environ: Mapping[str, str], explicit: str | None = None) -> Path:
+    """Where the applied link is remembered: explicit, else SOCKLAB_LINK_STATE, else the default."""
+    return Path(explicit or environ.get(ENV_STATE, "").strip() or DEFAULT_STATE_PATH)
+
+
+def read_state(path: Path) -> dict[str, Any] | None:
+    """The last applied link, or None if nothing was applied here."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        state = json.loads(text)
+        LinkSpec.from_dict(state["applied"])
+        return state
+    except (ValueError, KeyError, TypeError, UsageError) as exc:
+        raise EngineError(f"{path}: not a socklab link state file ({exc}); remove it and apply again") from None
+
+
+def write_state(path: Path, state: Mapping[str, Any]) -> None:
+    """Replace the state file atomically, so a concurrent `show` never reads half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_ifname(name: str, what: str) -> str:
+    # The kernel's limit is 15 bytes; tc and ip would also take a name with a
+    # slash or blank as something else, so refuse early with the reason.
+    if not name or len(name.encode()) > 15 or any(c in name for c in "/ \t\n:") or name in (".", ".."):
+        raise UsageError(f"{what} {name!r} is not a network device name (1-15 characters, no '/', ':' or blanks)")
+    return name
+
+
+def teardown(runner: Runner, dev: str, ifb: str) -> None:
+    """Remove every qdisc, filter and device a plan can have added, verified.
+
+    The commands fail harmlessly for parts that were never added, so success is
+    judged by what is left afterwards; if something is, the first failure is
+    reported.
+    """
+    failures = []
+    for argv in build_teardown(dev, ifb):
+        try:
+            runner(argv)
+        except ShapingError as exc:
+            failures.append(exc)
+    left = []
+    for qdisc in qdisc_stats(runner, dev):
+        if qdisc["parent"] == "root" and qdisc["handle"] in (ROOT_HANDLE, NETEM_HANDLE):
+            left.append(f"the {qdisc['kind']} qdisc at the root of {dev}")
+        if qdisc["kind"] == "ingress" or qdisc["handle"] == INGRESS_HANDLE:
+            left.append(f"the ingress qdisc of {dev}")
+    if ifb in link_names(runner):
+        left.append(f"the device {ifb}")
+    if left:
+        cause = f": {failures[0]}" if failures else ""
+        raise EngineError(f"could not remove the old shaping ({', '.join(left)} remained){cause}")
+
+
+def _summary(dev: str, spec: LinkSpec, backend: str, commands: list[list[str]], method: str) -> str:
+    if not spec.shaped:
+        return f"link {dev}: unshaped ({method})"
+    return f"link {dev}: {spec.describe()} (backend {backend}, {method}, {len(commands)} commands)"
+
+
+def _run_all(runner: Runner, commands: list[list[str]]) -> None:
+    for argv in commands:
+        runner(argv)
+
+
+def apply_spec(
+    spec: LinkSpec,
+    requested_backend: str = "auto",
+    *,
+    runner: Runner = run,
+    dev: str = DEFAULT_DEV,
+    ifb: str = DEFAULT_IFB,
+    state_path: Path | str = DEFAULT_STATE_PATH,
+    caps: Capabilities | None = None,
+    method: str = "applied",
+) -> dict[str, Any]:
+    """Shape ``dev`` as ``spec`` says, from scratch, and remember it in the state file.
+
+    The kernel is probed (unless ``caps`` is given) and the backend chosen before
+    anything is touched, so a link the kernel cannot do fails with EngineError
+    and leaves the current shaping as it was. If a command fails half way, the
+    half-built shaping is removed and the error raised: never a silently
+    unshaped or half-shaped link. ``method`` is the word the summary uses.
+    Returns the summary dict (see ``_record``).
+    """
+    _check_ifname(dev, "device")
+    _check_ifname(ifb, "ifb device")
+    backend_name = UNSHAPED
+    commands: list[list[str]] = []
+    if spec.shaped:
+        caps = caps or probe_capabilities(runner)
+        backend = choose_backend(requested_backend, caps, spec)
+        backend_name = backend.name
+        commands = backend.plan(spec, dev, ifb)
+    teardown(runner, dev, ifb)
+    try:
+        _run_all(runner, commands)
+    except ShapingError:
+        teardown(runner, dev, ifb)
+        raise
+    return _record(Path(state_path), spec, backend_name, dev, ifb, caps, commands, method)
+
+
+def _record(
+    path: Path,
+    spec: LinkSpec,
+    backend: str,
+    dev: str,
+    ifb: str,
+    caps: Capabilities | None,
+    commands: list[list[str]],
+    method: str,
+) -> dict[str, Any]:
+    """Write the state file; return {backend, dev, ifb, applied, commands, method, summary}."""
+    result = {
+        "backend": backend,
+        "dev": dev,
+        "ifb": ifb,
+        "applied": spec.to_dict(),
+        "commands": commands,
+        "method": method,
+        "summary": _summary(dev, spec, backend, commands, method),
+    }
+    # Capabilities do not change during a container's life: `set` reuses them
+    # instead of probing again in the middle of a running case.
+    write_state(path, {**result, "caps": caps.to_dict() if caps else None})
+    return result
+
+
+def set_link(
+    changes: LinkChanges,
+    requested_backend: str | None = None,
+    *,
+    runner: Runner = run,
+    dev: str | None = None,
+    ifb: str | None = None,
+    state_path: Path | str = DEFAULT_STATE_PATH,
+) -> dict[str, Any]:
+    """Change a running link: ``changes`` on top of what was applied last.
+
+    Top-level values set both directions, ``up.*``/``down.*`` one. When the new
+    link has the same qdisc layout as the old (say, only the rate or the delay
+    changes) the qdiscs are retuned in place with ``tc qdisc change``: queued
+    packets and connections carry on, as on a real link whose speed changes.
+    Otherwise (a direction becomes shaped or unshaped, netem joins or leaves)
+    everything is torn down and applied afresh. If an in-place change fails half
+    way, the link is rebuilt from scratch.
+    """
+    path = Path(state_path)
+    state = read_state(path) or {}
+    current = LinkSpec.from_dict(state.get("applied") or {})
+    dev = _check_ifname(dev or state.get("dev") or DEFAULT_DEV, "device")
+    ifb = _check_ifname(ifb or state.get("ifb") or DEFAULT_IFB, "ifb device")
+    old_backend = state.get("backend", UNSHAPED)
+    requested = requested_backend or (old_backend if old_backend != UNSHAPED else "auto")
+    new = changes.resolve(current)
+    caps = Capabilities.from_dict(state["caps"]) if state.get("caps") else None
+
+    if not new.shaped:
+        if not current.shaped and state:
+            return _record(path, new, UNSHAPED, dev, ifb, caps, [], "unchanged")
+        teardown(runner, dev, ifb)
+        return _record(path, new, UNSHAPED, dev, ifb, caps, [], "removed")
+
+    caps = caps or probe_capabilities(runner)
+    backend: Backend = choose_backend(requested, caps, new)
+    if new == current and backend.name == old_backend:
+        return _record(path, new, backend.name, dev, ifb, caps, [], "unchanged")
+    if current.shaped and backend.name == old_backend:
+        in_place = backend.plan_change(current, new, dev, ifb)
+        if in_place is not None:
+            try:
+                _run_all(runner, in_place)
+                return _record(path, new, backend.name, dev, ifb, caps, in_place, "changed in place")
+            except ShapingError as exc:
+                log.debug("in-place change failed (%s); rebuilding the link", exc)
+    return apply_spec(new, backend.name, runner=runner, dev=dev, ifb=ifb, state_path=path, caps=caps, method="rebuilt")
+
+
+def show_link(
+    runner: Runner = run,
+    *,
+    dev: str | None = None,
+    ifb: str | None = None,
+    state_path: Path | str = DEFAULT_STATE_PATH,
+) -> dict[str, Any]:
+    """{"backend", "applied": {"up", "down"}, "qdisc": {dev: [...], ifb: [...]}}.
+
+    ``applied`` is what the last apply/set asked for (from the state file);
+    ``qdisc`` is what the kernel has now, with counters.
+    """
+    state = read_state(Path(state_path)) or {}
+    dev = _check_ifname(dev or state.get("dev") or DEFAULT_DEV, "device")
+    ifb = _check_ifname(ifb or state.get("ifb") or DEFAULT_IFB, "ifb device")
+    qdiscs = {dev: qdisc_stats(runner, dev)}
+    qdiscs[ifb] = qdisc_stats(runner, ifb) if ifb in link_names(runner) else []
+    return {
+        "backend": state.get("backend", UNSHAPED),
+        "applied": LinkSpec.from_dict(state.get("applied") or {}).to_dict(),
+        "qdisc": qdiscs,
+    }
+
+
+def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str, Any]:
+    """Apply the link that ``SOCKLAB_LINK_*`` describes (the container entrypoint's call).
+
+    Reads the link values, SOCKLAB_LINK_BACKEND (auto|netem|userspace),
+    SOCKLAB_LINK_DEV (eth0), SOCKLAB_LINK_IFB (ifb0) and SOCKLAB_LINK_STATE.
+    Must run as root (NET_ADMIN). Raises UsageError for bad values and
+    EngineError when the kernel cannot shape the link; returns the summary dict
+    whose "summary" entry is a one-line description to print.
+    """
+    spec = changes_from_env(environ).resolve()
+    return apply_spec(
+        spec,
+        backend_from_env(environ),
+        runner=runner,
+        dev=environ.get(ENV_DEV, "").strip() or DEFAULT_DEV,
+        ifb=environ.get(ENV_IFB, "").strip() or DEFAULT_IFB,
+        state_path=state_path_from(environ),
+    )
+
+
+# --- command line -------------------------------------------------------------
+
+
+def _parser() -> ArgumentParser:
+    common = ArgumentParser(add_help=False)
+    common.add_argument("--dev", help=f"the container's link device (default {DEFAULT_DEV}, or the applied one)")
+    common.add_argument("--ifb", help=f"the ifb device for the down direction (default {DEFAULT_IFB})")
+    common.add_argument("--state", help=f"state file (default ${ENV_STATE} or {DEFAULT_STATE_PATH})")
+    common.add_argument("-v", "--verbose", action="store_true", help="log every command to stderr")
+
+    parser = ArgumentParser(prog="socklab shape", description="Shape this container's link with tc.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{apply,set,show,caps,plan}")
+    keys_help = "rate=10mbit delay=20ms jitter=5ms loss=0.1%% limit=1000, up.KEY=.. down.KEY=.., backend=auto|netem"
+
+    apply = sub.add_parser("apply", parents=[common], help="shape the link from scratch")
+    apply.add_argument("--from-env", action="store_true", help="start from the SOCKLAB_LINK_* variables")
+    apply.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=keys_help)
+
+    set_ = sub.add_parser("set", parents=[common], help="change the applied link")
+    set_.add_argument("assignments", nargs="+", metavar="KEY=VALUE", help=keys_help)
+
+    show = sub.add_parser("show", parents=[common], help="the applied link and the kernel's qdiscs")
+    show.add_argument("--json", action="store_true")
+
+    caps = sub.add_parser("caps", parents=[common], help="probe what this kernel can shape with")
+    caps.add_argument("--json", action="store_true")
+
+    plan = sub.add_parser("plan", parents=[common], help="print the commands apply would run, run nothing")
+    plan.add_argument("--from-env", action="store_true", help="start from the SOCKLAB_LINK_* variables")
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=keys_help)
+    return parser
+
+
+def _wanted(args: Any, environ: Mapping[str, str]) -> tuple[LinkSpec, str, str, str]:
+    """(spec, backend, dev, ifb) for apply/plan: environment first, then KEY=VALUE on top."""
+    words, backend = changes_from_assignments(args.assignments)
+    changes = LinkChanges()
+    env_backend = "auto"
+    if args.from_env:
+        changes = changes_from_env(environ)
+        env_backend = backend_from_env(environ)
+    spec = changes.overlay(words).resolve()
+    dev = args.dev or (args.from_env and environ.get(ENV_DEV, "").strip()) or DEFAULT_DEV
+    ifb = args.ifb or (args.from_env and environ.get(ENV_IFB, "").strip()) or DEFAULT_IFB
+    return spec, backend or env_backend, dev, ifb
+
+
+def _print_qdiscs(shown: Mapping[str, Any]) -> None:
+    print(f"backend {shown['backend']}")
+    spec = LinkSpec.from_dict(shown["applied"])
+    print(f"applied {spec.describe()}")
+    for dev, qdiscs in shown["qdisc"].items():
+        for q in qdiscs:
+            print(
+                f"{dev}: {q['kind']} {q['handle']} parent {q['parent']}: {q['bytes']} bytes "
+                f"{q['packets']} packets, {q['drops']} dropped, {q['overlimits']} overlimits, "
+                f"backlog {q['backlog']} bytes {q['qlen']} packets"
+            )
+
+
+def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: Runner = run) -> int:
+    """`python -m socklab shape SUBCOMMAND ...`; returns the exit code."""
+    environ = os.environ if environ is None else environ
+    args = _parser().parse_args(list(argv))
+    if args.verbose:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("socklab shape: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+    state_path = state_path_from(environ, args.state)
+
+    if args.command == "apply":
+        spec, backend, dev, ifb = _wanted(args, environ)
+        print(apply_spec(spec, backend, runner=runner, dev=dev, ifb=ifb, state_path=state_path)["summary"])
+    elif args.command == "set":
+        changes, backend = changes_from_assignments(args.assignments)
+        result = set_link(changes, backend, runner=runner, dev=args.dev, ifb=args.ifb, state_path=state_path)
+        print(result["summary"])
+    elif args.command == "show":
+        shown = show_link(runner, dev=args.dev, ifb=args.ifb, state_path=state_path)
+        if args.json:
+            print(json.dumps(shown))
+        else:
+            _print_qdiscs(shown)
+    elif args.command == "caps":
+        found = probe_capabilities(runner)
+        print(json.dumps(found.to_dict()) if args.json else found.describe())
+    else:
+        spec, backend, dev, ifb = _wanted(args, environ)
+        commands = get_backend(backend).plan(spec, _check_ifname(dev, "device"), _check_ifname(ifb, "ifb device"))
+        if args.json:
+            print(json.dumps(commands))
+        elif not commands:
+            print(f"# {dev} unshaped: nothing to run")
+        else:
+            for command in commands:
+                print(shlex.join(command))
+    return 0

@@ -1,0 +1,87 @@
+"""What the kernel says is installed: qdiscs with their counters, as plain dicts."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from .runner import Runner, ShapingError
+
+# Keys every qdisc entry has, whatever tc printed; counters are cumulative since
+# the qdisc was added. backlog is in bytes and qlen in packets, as tc names them.
+COUNTERS = ("bytes", "packets", "drops", "overlimits", "backlog", "qlen")
+
+
+def qdisc_stats(runner: Runner, dev: str) -> list[dict[str, Any]]:
+    """``tc -s qdisc show dev DEV`` as a list of dicts, root first.
+
+    Each: kind, handle, parent ('root' for the root qdisc), options (tc's own
+    JSON options, or {'text': ...} when tc cannot print JSON) and COUNTERS.
+    """
+    try:
+        return parse_qdisc_json(runner(["tc", "-s", "-j", "qdisc", "show", "dev", dev]))
+    except (ShapingError, ValueError):
+        # An iproute2 without -j either rejects it or prints text; a missing
+        # device fails here again and raises.
+        return parse_qdisc_text(runner(["tc", "-s", "qdisc", "show", "dev", dev]))
+
+
+def parse_qdisc_json(text: str) -> list[dict[str, Any]]:
+    """Normalise ``tc -s -j qdisc show`` output; ValueError if it is not that JSON."""
+    data = json.loads(text)
+    if not isinstance(data, list) or not all(isinstance(e, dict) and "kind" in e for e in data):
+        raise ValueError("not a list of qdiscs")
+    return [
+        {
+            "kind": entry["kind"],
+            "handle": entry.get("handle"),
+            "parent": "root" if entry.get("root") else entry.get("parent"),
+            "options": entry.get("options", {}),
+            **{name: int(entry.get(name, 0)) for name in COUNTERS},
+        }
+        for entry in data
+    ]
+
+
+_HEAD = re.compile(r"^qdisc (?P<kind>\S+) (?P<handle>\S+) (?:(?P<root>root)|parent (?P<parent>\S+))(?P<rest>.*)$")
+_SENT = re.compile(r"Sent (\d+) bytes (\d+) pkt \(dropped (\d+), overlimits (\d+)")
+_BACKLOG = re.compile(r"backlog (\d+)([KMG]?)b (\d+)p")
+_SCALE = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def parse_qdisc_text(text: str) -> list[dict[str, Any]]:
+    """Minimal parse of ``tc -s qdisc show``: kind, handle, parent and counters."""
+    entries: list[dict[str, Any]] = []
+    for line in text.splitlines():
+        head = _HEAD.match(line)
+        if head:
+            entries.append({
+                "kind": head["kind"],
+                "handle": head["handle"],
+                "parent": "root" if head["root"] else head["parent"],
+                "options": {"text": " ".join(head["rest"].split())},
+                **{name: 0 for name in COUNTERS},
+            })
+            continue
+        if not entries:
+            continue
+        entry = entries[-1]
+        sent = _SENT.search(line)
+        if sent:
+            entry["bytes"], entry["packets"], entry["drops"], entry["overlimits"] = map(int, sent.groups())
+        backlog = _BACKLOG.search(line)
+        if backlog:
+            entry["backlog"] = int(backlog[1]) * _SCALE[backlog[2]]
+            entry["qlen"] = int(backlog[3])
+    return entries
+
+
+def link_names(runner: Runner) -> set[str]:
+    """Names of the network devices in this namespace (veth peers without '@ifN')."""
+    names = set()
+    for line in runner(["ip", "-o", "link", "show"]).splitlines():
+        parts = line.split(": ", 2)
+        if len(parts) >= 2:
+            names.add(parts[1].split("@", 1)[0])
+    return names
