@@ -33,6 +33,9 @@ Value = Union[int, float, bool, None]
 # Checks live in one line of YAML; anything longer is a mistake, and the cap
 # keeps parsing and evaluation cheap whatever the input.
 MAX_CHECK_CHARS = 1000
+# The vetting and evaluation recurse once per level; a cap far above any real
+# check keeps them clear of Python's recursion limit wherever they are called.
+MAX_NESTING = 100
 # An int ** int whose result would exceed this many bits is refused: Python would
 # happily spend minutes and gigabytes on 10 ** 10 ** 10.
 MAX_POWER_BITS = 4096
@@ -145,11 +148,22 @@ def compile_check(text: str) -> Check:
         raise ExpressionError(f"{text!r} is not a valid expression ({exc.msg}): {_ALLOWED_FORMS}") from None
     except (RecursionError, MemoryError):
         raise ExpressionError(f"{text!r} is nested too deeply: simplify it") from None
+    if _nesting(tree) > MAX_NESTING:
+        raise ExpressionError(f"{text!r} is nested more than {MAX_NESTING} levels deep: simplify it")
     _reject_forbidden(tree, text)
     _vet_condition(tree, text)
     names: list[str] = []
     _collect_names(tree, names)
     return Check(text, tuple(dict.fromkeys(names)), tree)
+
+
+def _nesting(tree: ast.expr) -> int:
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _reject_forbidden(tree: ast.expr, text: str) -> None:

@@ -84,6 +84,10 @@ def test_moderate_powers_are_allowed():
     assert compile_check("2 ** 64 > 1").evaluate({}).passed is True
 
 
+def test_moderate_nesting_is_allowed():
+    assert compile_check("-" * 40 + "1 > 0").evaluate({}).passed is True
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("().__class__ == 1", "attribute access (.__class__) is allowed only on names"),
     ("(1).real == 1", "attribute access (.real) is allowed only on names"),
@@ -113,6 +117,8 @@ def test_moderate_powers_are_allowed():
     ("x = 1", "is not a valid expression"),
     ("", "the check is empty"),
     ("1 < " + "1 + " * 400 + "1", "longer than"),
+    ("-" * 900 + "1 > 0", "nested more than 100 levels"),
+    ("not " * 200 + "1 > 0", "nested more than 100 levels"),
 ])
 def test_everything_else_is_rejected_at_compile_time(text, fragment):
     with pytest.raises(ExpressionError) as info:
