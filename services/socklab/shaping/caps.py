@@ -29,6 +29,9 @@ MODULES = {
 }
 
 
+_QDISCS = ("netem", "tbf", "htb", "ingress")
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """Each field: the kernel accepted that feature when the probe tried it."""
@@ -42,14 +45,18 @@ class Capabilities:
     mirred: bool = False
     nfqueue: bool = False
 
-    def to_dict(self) -> dict[str, bool]:
-        """JSON-friendly form (also kept in the state file)."""
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (also kept in the state file): the qdiscs grouped,
+        e.g. {"qdiscs": {"netem": false, "tbf": true, ...}, "ifb": true, ...}."""
+        flat = asdict(self)
+        qdiscs = {name: flat.pop(name) for name in _QDISCS}
+        return {"qdiscs": qdiscs, **flat}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Capabilities":
-        """Inverse of ``to_dict``; unknown keys from a newer version are ignored."""
-        return cls(**{k: bool(data[k]) for k in cls.__dataclass_fields__ if k in data})
+        """Inverse of ``to_dict``; keys it does not know (from a newer version) are ignored."""
+        flat = {**data.get("qdiscs", {}), **{k: v for k, v in data.items() if k != "qdiscs"}}
+        return cls(**{k: bool(flat[k]) for k in cls.__dataclass_fields__ if k in flat})
 
     def missing(self, *names: str) -> list[str]:
         """Of ``names``, those absent, each as 'name (kernel module M)'."""
@@ -57,7 +64,7 @@ class Capabilities:
 
     def describe(self) -> str:
         """'netem no, tbf yes, ...' in one line."""
-        return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in self.to_dict().items())
+        return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in asdict(self).items())
 
 
 def _accepts(runner: Runner, argv: list[str]) -> bool:

@@ -24,7 +24,7 @@ from .model import (
     changes_from_assignments,
     changes_from_env,
 )
-from .plan import INGRESS_HANDLE, NETEM_HANDLE, ROOT_HANDLE, build_teardown
+from .plan import NETEM_HANDLE, ROOT_HANDLE, build_teardown
 from .runner import Runner, ShapingError, run
 from .show import link_names, qdisc_stats
 
@@ -90,7 +90,7 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
     for qdisc in qdisc_stats(runner, dev):
         if qdisc["parent"] == "root" and qdisc["handle"] in (ROOT_HANDLE, NETEM_HANDLE):
             left.append(f"the {qdisc['kind']} qdisc at the root of {dev}")
-        if qdisc["kind"] == "ingress" or qdisc["handle"] == INGRESS_HANDLE:
+        if qdisc["kind"] == "ingress":
             left.append(f"the ingress qdisc of {dev}")
     if ifb in link_names(runner):
         left.append(f"the device {ifb}")
