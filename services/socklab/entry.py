@@ -66,9 +66,8 @@ def main(argv: list[str]) -> int:
     if os.geteuid() == 0:
         from . import shaping
 
-        summary = shaping.apply_from_env(os.environ, shaping.run)
-        if summary:
-            print(f"socklab: link {summary}", file=sys.stderr, flush=True)
+        applied = shaping.apply_from_env(os.environ, shaping.run)
+        print(f"socklab: {applied['summary']}", file=sys.stderr, flush=True)
         result_dir = os.environ.get("SOCKLAB_RESULT_DIR")
         if result_dir:
             prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")

@@ -1,0 +1,204 @@
+"""The Docker SDK, wrapped at one boundary (as Kathará does).
+
+Compose creates and removes a case's containers; this module does what Compose
+does not: find a project's containers, exec into them, read their logs and
+files, wait for them, and remove what carries the lab's label. Every SDK error
+is converted here into a :class:`LabEngineError` whose message is the sentence
+the user sees; transient engine errors are retried a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import docker
+import docker.errors
+import requests.exceptions
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+
+from socklab.errors import EngineError
+
+from .compose import LAB_LABEL
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+NUMBER_LABEL = "com.docker.compose.container-number"
+
+
+class LabEngineError(EngineError):
+    """The Docker engine could not do what the lab asked; the message says what."""
+
+
+def _transient(exc: BaseException) -> bool:
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return True
+    if isinstance(exc, docker.errors.APIError) and exc.status_code is not None:
+        return exc.status_code >= 500 and "is not running" not in str(exc)
+    return False
+
+
+# Bounded: a daemon that stays broken surfaces as one clear error within seconds.
+_retry = retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(4),
+               wait=wait_exponential(multiplier=0.2, max=2), reraise=True)
+
+
+def _convert(what: str, exc: Exception) -> LabEngineError:
+    detail = getattr(exc, "explanation", None) or str(exc)
+    return LabEngineError(f"Docker could not {what}: {detail}")
+
+
+@dataclass(frozen=True)
+class LabContainer:
+    """One container of a lab project, as the orchestrator needs to see it."""
+
+    id: str
+    name: str
+    service: str
+    number: int
+
+
+class DockerAPI:
+    """The engine as the orchestrator uses it; tests may replace it with a fake."""
+
+    def __init__(self, client: docker.DockerClient | None = None):
+        if client is None:
+            try:
+                client = docker.from_env(timeout=60)
+                client.ping()
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+                raise LabEngineError(
+                    f"cannot reach the Docker daemon ({exc}); start Docker, or set DOCKER_HOST"
+                ) from None
+        self._client = client
+
+    @property
+    def client(self) -> docker.DockerClient:
+        return self._client
+
+    @_retry
+    def _list(self, filters: dict) -> list:
+        return self._client.containers.list(all=True, filters=filters)
+
+    def containers(self, project: str, service: str | None = None) -> list[LabContainer]:
+        """The project's containers (of one service), ordered by service and number."""
+        labels = [f"{PROJECT_LABEL}={project}"]
+        if service:
+            labels.append(f"{SERVICE_LABEL}={service}")
+        try:
+            found = self._list({"label": labels})
+        except docker.errors.DockerException as exc:
+            raise _convert(f"list the containers of {project}", exc) from None
+        result = [
+            LabContainer(c.id, c.name, c.labels.get(SERVICE_LABEL, ""),
+                         int(c.labels.get(NUMBER_LABEL, "1") or 1))
+            for c in found
+        ]
+        return sorted(result, key=lambda c: (c.service, c.number))
+
+    @_retry
+    def exec(self, container: LabContainer, argv: Sequence[str], user: str = "") -> tuple[int, str]:
+        """Run ``argv`` in a running container; its exit code and combined output."""
+        try:
+            res = self._client.containers.get(container.id).exec_run(list(argv), user=user, demux=False)
+        except docker.errors.NotFound:
+            raise LabEngineError(f"container {container.name} is gone") from None
+        except docker.errors.APIError as exc:
+            if _transient(exc):
+                raise
+            raise _convert(f"run {' '.join(argv)} in {container.name}", exc) from None
+        return res.exit_code, (res.output or b"").decode("utf-8", "replace")
+
+    def logs(self, container: LabContainer, stderr: bool = True) -> str:
+        """What the container printed (stdout; with stderr too unless told not)."""
+        try:
+            raw = self._client.containers.get(container.id).logs(stdout=True, stderr=stderr)
+        except docker.errors.DockerException as exc:
+            raise _convert(f"read the logs of {container.name}", exc) from None
+        return raw.decode("utf-8", "replace")
+
+    def wait(self, container: LabContainer, timeout_s: float) -> int | None:
+        """The container's exit status, or None if it is still running after ``timeout_s``."""
+        try:
+            return int(self._client.containers.get(container.id).wait(timeout=timeout_s)["StatusCode"])
+        except requests.exceptions.ConnectionError:
+            return None  # the SDK signals a wait timeout as a read timeout
+        except docker.errors.DockerException as exc:
+            raise _convert(f"wait for {container.name}", exc) from None
+
+    def state(self, container: LabContainer) -> dict:
+        """The container's State object (Status, ExitCode, ...)."""
+        try:
+            return self._client.api.inspect_container(container.id)["State"]
+        except docker.errors.DockerException as exc:
+            raise _convert(f"inspect {container.name}", exc) from None
+
+    def read_file(self, container: LabContainer, path: str) -> bytes | None:
+        """The contents of a file in a (running or stopped) container; None if absent."""
+        try:
+            stream, _ = self._client.api.get_archive(container.id, path)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise _convert(f"copy {path} out of {container.name}", exc) from None
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                return None
+            return tar.extractfile(member).read()
+
+    def kill(self, container: LabContainer, signal: str = "SIGTERM") -> None:
+        """Send ``signal`` to a running container (a stopped one is left alone)."""
+        try:
+            self._client.containers.get(container.id).kill(signal=signal)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "is not running" not in str(exc):
+                raise _convert(f"signal {container.name}", exc) from None
+
+    def remove_labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
+        """Remove every container, network and volume carrying ``label``; what was removed."""
+        removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
+        flt = {"label": [label]}
+        try:
+            for c in self._client.containers.list(all=True, filters=flt):
+                c.remove(force=True, v=True)
+                removed["containers"].append(c.name)
+            for n in self._client.networks.list(filters=flt):
+                n.remove()
+                removed["networks"].append(n.name)
+            for v in self._client.volumes.list(filters=flt):
+                v.remove(force=True)
+                removed["volumes"].append(v.name)
+        except docker.errors.DockerException as exc:
+            raise _convert("remove the lab's leftovers", exc) from None
+        return removed
+
+    def labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
+        """The names of the containers, networks and volumes carrying ``label``."""
+        flt = {"label": [label]}
+        try:
+            return {
+                "containers": [c.name for c in self._client.containers.list(all=True, filters=flt)],
+                "networks": [n.name for n in self._client.networks.list(filters=flt)],
+                "volumes": [v.name for v in self._client.volumes.list(filters=flt)],
+            }
+        except docker.errors.DockerException as exc:
+            raise _convert("list the lab's objects", exc) from None
+
+    def versions(self) -> dict[str, str]:
+        """Engine version, API version and host kernel, for run metadata."""
+        try:
+            v = self._client.version()
+        except docker.errors.DockerException as exc:
+            raise _convert("report its version", exc) from None
+        return {"engine": v.get("Version", ""), "api": v.get("ApiVersion", ""),
+                "kernel": v.get("KernelVersion", "")}
+
+
+def names(containers: Iterable[LabContainer]) -> list[str]:
+    """Container names, for messages."""
+    return [c.name for c in containers]
