@@ -3,24 +3,31 @@
     python -m socklab entry ROLE [ARGS ...]     ROLE: server, client, summary, shape
     python -m socklab entry exec CMD [ARGS ...]  any program (iperf3), same treatment
 
-The link comes from ``SOCKLAB_LINK_*`` environment variables (see shaping.py).
+The link comes from ``SOCKLAB_LINK_*`` environment variables (see shaping).
 When the kernel cannot do what the link asks, the container stops here with one
-sentence and a non-zero status: it never runs unshaped silently. The workload
-then runs as the ``socklab`` user, so the program under study has no privileges
-(root is kept only for ``shape``, which changes the link).
+sentence and a non-zero status: it never runs unshaped silently.
+
+The workload runs in a child process as the ``socklab`` user, so the program
+under study has no privileges. This process stays as a small root supervisor:
+it forwards signals to the workload and, once the workload has ended, prints a
+``link`` result line with the qdisc counters — the interfaces vanish with the
+container, so afterwards nobody could read them.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
+import signal
 import sys
 
-from .errors import UsageError
+from .errors import SocklabError, UsageError
+from .results import emit_result
 
 WORKLOAD_USER = "socklab"
 # Roles that run as root because their job is the link itself.
 _ROOT_ROLES = {"shape"}
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def drop_privileges(user: str = WORKLOAD_USER) -> None:
@@ -50,8 +57,44 @@ def prepare_result_dir(path: str, reset: bool) -> None:
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
+def supervise(command: list[str]) -> int:
+    """Run ``command`` unprivileged in a child, forwarding signals; its exit status."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            drop_privileges()
+            os.execvp(command[0], command)
+        except OSError as exc:
+            print(f"socklab: cannot run {command[0]}: {exc.strerror}", file=sys.stderr, flush=True)
+        os._exit(127)
+
+    def forward(signum: int, _frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in _FORWARDED:
+        signal.signal(signum, forward)
+    _, status = os.waitpid(pid, 0)  # retried by Python across forwarded signals
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def report_link() -> None:
+    """Print the link as applied, with its qdisc counters, as a ``link`` result line."""
+    from . import shaping
+
+    try:
+        shown = shaping.show_link(shaping.run)
+    except (SocklabError, OSError) as exc:  # the workload's result matters more than this
+        print(f"socklab: could not read the link's counters: {exc}", file=sys.stderr, flush=True)
+        return
+    emit_result({"role": "link", **shown})
+
+
 def main(argv: list[str]) -> int:
-    """Shape, prepare, drop privileges and exec the role named in ``argv``."""
+    """Shape, prepare, then run the role named in ``argv`` without privileges."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
@@ -63,15 +106,17 @@ def main(argv: list[str]) -> int:
     else:
         command = [sys.executable, "-m", "socklab", role, *args]
 
-    if os.geteuid() == 0:
-        from . import shaping
+    if os.geteuid() != 0 or role in _ROOT_ROLES:
+        os.execvp(command[0], command)
 
-        applied = shaping.apply_from_env(os.environ, shaping.run)
-        print(f"socklab: {applied['summary']}", file=sys.stderr, flush=True)
-        result_dir = os.environ.get("SOCKLAB_RESULT_DIR")
-        if result_dir:
-            prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
-        if role not in _ROOT_ROLES:
-            drop_privileges()
-    os.execvp(command[0], command)
-    return 127  # not reached: execvp replaces this process or raises
+    from . import shaping
+
+    applied = shaping.apply_from_env(os.environ, shaping.run)
+    print(f"socklab: {applied['summary']}", file=sys.stderr, flush=True)
+    result_dir = os.environ.get("SOCKLAB_RESULT_DIR")
+    if result_dir:
+        prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
+    code = supervise(command)
+    if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
+        report_link()
+    return code

@@ -1,0 +1,166 @@
+"""A case as containers: the Compose override, every role's argv and link.
+
+Pure functions from a resolved :class:`~labkit.config.Experiment` to what the
+engine starts, so that the override saved in the run directory, the dry run and
+the real run are one and the same thing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from socklab import shaping, units
+from socklab.errors import UsageError
+
+from .compose import COMPOSE_FILE, LAB_LABEL
+from .config import ClientGroup, Experiment, LinkConfig, LinkDirection, Workload
+
+SERVER_SERVICE = "server"
+SERVER_PORT = 5000
+# Where each client writes its trace inside its container; copied out at the end.
+TRACE_PATH = "/tmp/socklab-trace.gz"
+CASE_LABEL = "io.socklab.case"
+# Long enough for any case's slowest peer; short enough that a vanished peer is
+# noticed within a case (the server never hangs on it).
+SERVER_IDLE_TIMEOUT = "60s"
+
+_LINK_KEYS = ("rate", "delay", "jitter", "loss", "limit")
+
+
+def client_service(group: ClientGroup | str) -> str:
+    """The Compose service of a client group."""
+    name = group if isinstance(group, str) else group.name
+    return f"client-{name}"
+
+
+def _direction_values(direction: LinkDirection) -> dict[str, str]:
+    """A direction's set parameters as link-setting strings, by key."""
+    values = {}
+    if direction.rate_bps is not None:
+        values["rate"] = units.format_rate(direction.rate_bps)
+    if direction.delay_ms is not None:
+        values["delay"] = units.format_duration(direction.delay_ms / 1000)
+    if direction.jitter_ms is not None:
+        values["jitter"] = units.format_duration(direction.jitter_ms / 1000)
+    if direction.loss_pct is not None:
+        values["loss"] = f"{direction.loss_pct:g}%"
+    if direction.limit_packets is not None:
+        values["limit"] = str(direction.limit_packets)
+    return values
+
+
+def link_env(link: LinkConfig) -> dict[str, str]:
+    """The ``SOCKLAB_LINK_*`` variables that make a container shape ``link``.
+
+    Every variable is present (empty when unset), so nothing from the base
+    compose file or the user's environment leaks into a case's link.
+    """
+    env = {}
+    for prefix, direction in (("", link.both), ("UP_", link.up), ("DOWN_", link.down)):
+        values = _direction_values(direction)
+        for key in _LINK_KEYS:
+            env[f"SOCKLAB_LINK_{prefix}{key.upper()}"] = values.get(key, "")
+    env["SOCKLAB_LINK_BACKEND"] = link.backend or "auto"
+    return env
+
+
+def link_assignments(change: LinkConfig) -> list[str]:
+    """A schedule step's change as `shape set` words (``rate=1mbit``, ``up.delay=5ms``)."""
+    words = [f"{k}={v}" for k, v in _direction_values(change.both).items()]
+    for name in ("up", "down"):
+        words += [f"{name}.{k}={v}" for k, v in _direction_values(getattr(change, name)).items()]
+    return words
+
+
+def server_workload(experiment: Experiment) -> str:
+    """What the server does with bytes: echo them (echo groups) or count them."""
+    kinds = {group.workload.kind for group in experiment.clients}
+    if "echo" in kinds and kinds != {"echo"}:
+        raise UsageError(
+            f"experiment {experiment.name}: echo and {', '.join(sorted(kinds - {'echo'}))} "
+            "client groups cannot share one server in a case: the server either echoes or counts")
+    return "echo" if kinds == {"echo"} else "bulk"
+
+
+def server_argv(experiment: Experiment) -> list[str]:
+    """The server role's arguments (it runs until the orchestrator stops it)."""
+    server = experiment.server
+    return ["server", "--mode", server.mode, "--port", str(SERVER_PORT),
+            "--recv-size", str(server.recv_size_bytes), "--workload", server_workload(experiment),
+            "--idle-timeout", SERVER_IDLE_TIMEOUT]
+
+
+def _workload_args(workload: Workload) -> list[str]:
+    options = {
+        "bulk": [("--bytes", workload.bytes), ("--pattern", workload.pattern),
+                 ("--chunk", workload.chunk_bytes)],
+        "echo": [("--requests", workload.requests), ("--size", workload.size_bytes),
+                 ("--think", None if workload.think_s is None else f"{workload.think_s}s")],
+        "connect": [("--attempts", workload.attempts),
+                    ("--cancel-after", None if workload.cancel_after_s is None else f"{workload.cancel_after_s}s"),
+                    ("--connect-timeout",
+                     None if workload.connect_timeout_s is None else f"{workload.connect_timeout_s}s")],
+        "slow": [("--rate", workload.rate_bytes_per_s),
+                 ("--hold", None if workload.hold_s is None else f"{workload.hold_s}s")],
+    }[workload.kind]
+    args = []
+    for flag, value in options:
+        if value is not None:
+            args += [flag, str(value)]
+    return args
+
+
+def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
+    """A client group's role arguments."""
+    argv = ["client", "--mode", group.mode, "--host", SERVER_SERVICE, "--port", str(SERVER_PORT),
+            "--workload", group.workload.kind, "--connections", str(group.connections),
+            *_workload_args(group.workload)]
+    if group.mode == "timeout":
+        argv += ["--timeout", f"{group.socket_timeout_s}s"]
+    if trace:
+        argv += ["--trace", TRACE_PATH]
+    return argv
+
+
+def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True) -> dict[str, Any]:
+    """The Compose override file that turns compose.yaml into this case's lab."""
+    def labels() -> dict[str, str]:
+        return {LAB_LABEL: "true", CASE_LABEL: case_id}
+
+    services: dict[str, Any] = {
+        SERVER_SERVICE: {
+            "command": server_argv(experiment),
+            "environment": {**link_env(experiment.server.link), "SOCKLAB_RESULT_DIR": "",
+                            "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1"},
+            "labels": labels(),
+        },
+    }
+    for group in experiment.clients:
+        services[client_service(group)] = {
+            "extends": {"file": str(COMPOSE_FILE), "service": "client"},
+            "command": client_argv(group, trace=trace),
+            "environment": {**link_env(group.link), "SOCKLAB_RESULT_DIR": "",
+                            "SOCKLAB_REPORT_LINK": "1"},
+            "labels": labels(),
+            "depends_on": {SERVER_SERVICE: {"condition": "service_healthy"}},
+            "deploy": {"replicas": group.replicas},
+        }
+    return {"services": services}
+
+
+def shaping_plans(experiment: Experiment) -> dict[str, list[list[str]]]:
+    """Every tc/ip command each service's containers would run, for a dry run.
+
+    Built by the same functions the containers use, from the same variables;
+    the backend is what the link asks for ('auto' is shown as netem, the kernel
+    qdisc it prefers — the real choice is made by probing the kernel).
+    """
+    links = {SERVER_SERVICE: experiment.server.link}
+    links.update({client_service(g): g.link for g in experiment.clients})
+    plans = {}
+    for service, link in links.items():
+        env = link_env(link)
+        spec = shaping.link_spec_from_env(env)
+        backend = shaping.backend_from_env(env)
+        plans[service] = shaping.build_plan(spec, "netem" if backend == "auto" else backend) if spec.shaped else []
+    return plans
