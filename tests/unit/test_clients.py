@@ -101,7 +101,7 @@ class ProtocolServer:
 
 def _start_lab_server(workload: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, "-m", "socklab", "server", "--mode", "threaded",
-                             "--port", "0", "--workload", workload],
+                             "--host", LOOPBACK, "--port", "0", "--workload", workload],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
     seen = []
