@@ -7,12 +7,15 @@ never share containers or networks and a teardown removes exactly one run's.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import proc
 
+# Compose writes terminal control sequences into `logs` even without a terminal.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 # Every container, network and volume the lab creates carries this label, so
@@ -65,7 +68,7 @@ class ComposeProject:
         container_name: str | None = None,
     ) -> proc.Completed:
         """`docker compose run --rm SERVICE ARGS...` (or detached, kept by name)."""
-        opts = ["run", "--no-build", "--use-aliases"]
+        opts = ["run", "--use-aliases"]
         opts += ["-d"] if detach else ["--rm"]
         if container_name:
             opts += ["--name", container_name]
@@ -79,7 +82,8 @@ class ComposeProject:
 
     def logs(self, *services: str) -> str:
         """Everything the services printed, without colour or prefixes."""
-        return self.compose("logs", "--no-color", "--no-log-prefix", *services, check=False).stdout
+        out = self.compose("logs", "--no-color", "--no-log-prefix", *services, check=False).stdout
+        return _ANSI_ESCAPE.sub("", out)
 
     def down(self) -> None:
         """Remove the project's containers, networks and volumes."""
