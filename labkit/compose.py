@@ -87,4 +87,7 @@ class ComposeProject:
 
     def down(self) -> None:
         """Remove the project's containers, networks and volumes."""
-        self.compose("down", "-v", "--remove-orphans", "-t", "5", check=False, timeout_s=120)
+        # Every profile: services that were started by name from an inactive
+        # profile (the case's client groups) are otherwise left running.
+        self.compose("down", "-v", "--remove-orphans", "-t", "5", env={"COMPOSE_PROFILES": "*"},
+                     check=False, timeout_s=120)

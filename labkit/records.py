@@ -19,7 +19,7 @@ SCHEMA = 1
 
 # The per-group metrics summary.csv reports, in column order.
 SUMMARY_METRICS = (
-    "bytes_accepted", "bytes_delivered", "send_calls", "eagain", "blocked_s", "wall_s",
+    "bytes_accepted", "bytes_delivered", "send_calls", "eagain", "send_s", "blocked_s", "wall_s",
     "cpu_s", "goodput_bps", "connect_s", "latency_ms.p50", "latency_ms.p99", "tcp.rtt_ms",
     "tcp.retrans",
 )
@@ -93,7 +93,7 @@ def record_passed(record: Mapping[str, Any]) -> bool:
 
 
 def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
+    return "" if value is None else f"{value:.10g}"
 
 
 def summary_rows(cases: Sequence[Case], records: Iterable[Mapping[str, Any]]) -> list[dict[str, str]]:

@@ -1,0 +1,133 @@
+"""lab.py on real containers: a whole run, its run directory, interrupt and resume, doctor."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from labkit.docker_api import DockerAPI
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.docker
+
+CLIENT_KEYS = {"name", "replica", "mode", "workload", "bytes_requested", "bytes_accepted",
+               "bytes_delivered", "send_calls", "eagain", "blocked_s", "wall_s", "cpu_s",
+               "goodput_bps", "connect_s", "latency_ms", "tcp"}
+RECORD_KEYS = {"schema", "experiment", "case", "params", "repetition", "status", "error", "wall_s",
+               "link", "server", "clients", "expectations"}
+
+
+def lab(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "lab.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def only_run_dir(out: Path) -> Path:
+    runs = [p for p in out.glob("*/*") if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_seed_demo_run_writes_the_whole_run_directory(lab_image, tmp_path):
+    done = lab("run", "configs/seed-demo.yaml", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = only_run_dir(tmp_path)
+    for name in ("experiment.yaml", "meta.json", "cases.jsonl", "summary.csv", "report.md"):
+        assert (run / name).is_file(), name
+
+    experiment = yaml.safe_load((run / "experiment.yaml").read_text())
+    assert experiment["clients"][0]["workload"]["bytes"] == 136314880
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["shaping_backend"] == "netem" and meta["compose"] and meta["host_kernel"]
+
+    records = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * experiment["repeat"]
+    for record in records:
+        assert set(record) >= RECORD_KEYS and record["schema"] == 1
+        assert record["status"] == "ok" and record["expectations"]
+        assert all(e["passed"] for e in record["expectations"])
+        (client,) = record["clients"]
+        assert set(client) >= CLIENT_KEYS
+        assert record["link"]["applied"]["sender"]["up"]["rate_bps"] == 100_000_000
+        assert record["server"]["bytes_received"] == client["bytes_accepted"]
+        if client["mode"] == "nonblocking":
+            assert client["send_calls"] == 1 and 0 < client["bytes_accepted"] < 136314880
+        else:
+            assert client["bytes_accepted"] == 136314880
+            # 100 Mbit/s shaped: goodput near the TCP ceiling of the link.
+            assert 0.93 < client["goodput_bps"] / (100e6 * 1448 / 1514) < 1.07
+
+    traces = sorted((run / "traces").iterdir())
+    assert len(traces) == len(records)
+    with gzip.open(traces[0], "rt") as fh:
+        assert fh.readline().strip()
+    summary = (run / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and "sender.goodput_bps.ci95_high" in summary[0]
+
+
+def _lab_objects() -> dict[str, list[str]]:
+    objects = DockerAPI().labelled()
+    return {kind: [n for n in names if n.startswith("socklab-three-short-cases")]
+            for kind, names in objects.items()}
+
+
+def test_interrupted_run_leaves_nothing_behind_and_resumes(lab_image, tmp_path):
+    proc = subprocess.Popen([sys.executable, "lab.py", "run", "tests/data/three-short-cases.yaml",
+                             "--out", str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        cases = None
+        while time.monotonic() < deadline:
+            found = list(tmp_path.glob("*/*/cases.jsonl"))
+            if found and found[0].read_text().count("\n") >= 1:
+                cases = found[0]
+                break
+            time.sleep(0.2)
+        assert cases is not None, "the first case never finished"
+        time.sleep(2.5)  # into the second case: its containers are up
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    assert "--resume" in err
+    assert _lab_objects() == {"containers": [], "networks": [], "volumes": []}
+
+    run = cases.parent
+    finished = cases.read_text().splitlines()
+    assert 1 <= len(finished) < 3
+    resumed = lab("run", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    records = [json.loads(line) for line in cases.read_text().splitlines()]
+    assert sorted(r["case"] for r in records) == sorted(
+        f"sender.mode={m}" for m in ("blocking", "select", "asyncio"))
+    assert records[: len(finished)] == [json.loads(line) for line in finished]
+
+
+def test_doctor_names_the_backend_and_what_the_kernel_lacks(lab_image):
+    done = lab("doctor", timeout_s=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "shaping backend:" in done.stdout
+    kernel_has_netem = "netem yes" in done.stdout
+    if not kernel_has_netem:
+        assert "sch_netem" in done.stdout
+
+
+def test_bad_experiment_is_one_sentence_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nclients:\n  - name: s\n    mode: blockin\n")
+    done = lab("check", str(bad))
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "bad.yaml:4" in line and "blockin" in line and "nonblocking" in line
