@@ -90,18 +90,19 @@ def server_argv(experiment: Experiment) -> list[str]:
             "--idle-timeout", SERVER_IDLE_TIMEOUT]
 
 
+def _seconds(value: float | None) -> str | None:
+    return None if value is None else f"{value:g}s"
+
+
 def _workload_args(workload: Workload) -> list[str]:
     options = {
         "bulk": [("--bytes", workload.bytes), ("--pattern", workload.pattern),
                  ("--chunk", workload.chunk_bytes)],
         "echo": [("--requests", workload.requests), ("--size", workload.size_bytes),
-                 ("--think", None if workload.think_s is None else f"{workload.think_s}s")],
-        "connect": [("--attempts", workload.attempts),
-                    ("--cancel-after", None if workload.cancel_after_s is None else f"{workload.cancel_after_s}s"),
-                    ("--connect-timeout",
-                     None if workload.connect_timeout_s is None else f"{workload.connect_timeout_s}s")],
-        "slow": [("--rate", workload.rate_bytes_per_s),
-                 ("--hold", None if workload.hold_s is None else f"{workload.hold_s}s")],
+                 ("--think", _seconds(workload.think_s))],
+        "connect": [("--attempts", workload.attempts), ("--cancel-after", _seconds(workload.cancel_after_s)),
+                    ("--connect-timeout", _seconds(workload.connect_timeout_s))],
+        "slow": [("--rate", workload.rate_bytes_per_s), ("--hold", _seconds(workload.hold_s))],
     }[workload.kind]
     args = []
     for flag, value in options:
@@ -116,7 +117,7 @@ def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
             "--workload", group.workload.kind, "--connections", str(group.connections),
             *_workload_args(group.workload)]
     if group.mode == "timeout":
-        argv += ["--timeout", f"{group.socket_timeout_s}s"]
+        argv += ["--timeout", _seconds(group.socket_timeout_s)]
     if trace:
         argv += ["--trace", TRACE_PATH]
     return argv

@@ -1,0 +1,106 @@
+"""A case as containers: override file, role argv, link variables, dry-run plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from labkit import scenario
+from labkit.config import load_experiment_text
+from labkit.matrix import expand_cases
+from socklab import shaping
+from socklab.errors import UsageError
+
+BASE = """
+name: t
+server: {mode: epoll, recv_size: 4096, link: {rate: 1gbit}}
+clients:
+  - name: sender
+    replicas: 3
+    connections: 4
+    mode: select
+    workload: {kind: bulk, bytes: 1MiB, chunk: 64KiB}
+    link:
+      rate: 10mbit
+      delay: 20ms
+      loss: 0.5%
+      up: {rate: 1mbit}
+      down: {delay: 5ms}
+schedule:
+  - {at: 2s, target: clients.sender, link: {rate: 2mbit, up: {delay: 7ms}}}
+"""
+
+
+def experiment(text: str = BASE):
+    return load_experiment_text(text, "t.yaml")
+
+
+def test_link_env_sets_every_variable_and_only_what_the_link_says():
+    env = scenario.link_env(experiment().group("sender").link)
+    assert env["SOCKLAB_LINK_RATE"] == "10mbit"
+    assert env["SOCKLAB_LINK_DELAY"] == "20ms"
+    assert env["SOCKLAB_LINK_LOSS"] == "0.5%"
+    assert env["SOCKLAB_LINK_UP_RATE"] == "1mbit"
+    assert env["SOCKLAB_LINK_DOWN_DELAY"] == "5ms"
+    assert env["SOCKLAB_LINK_JITTER"] == env["SOCKLAB_LINK_UP_DELAY"] == ""
+    assert env["SOCKLAB_LINK_BACKEND"] == "auto"
+    assert len(env) == 16
+
+
+def test_link_env_round_trips_through_the_container_side_parser():
+    spec = shaping.link_spec_from_env(scenario.link_env(experiment().group("sender").link))
+    assert spec.up.rate_bps == 1_000_000 and spec.up.delay_ms == 20 and spec.up.loss_pct == 0.5
+    assert spec.down.rate_bps == 10_000_000 and spec.down.delay_ms == 5
+
+
+def test_schedule_change_becomes_shape_set_words():
+    step = experiment().schedule[0]
+    assert scenario.link_assignments(step.link) == ["rate=2mbit", "up.delay=7ms"]
+
+
+def test_override_declares_server_and_groups_with_replicas():
+    override = scenario.compose_override(experiment(), "default")
+    server = override["services"]["server"]
+    assert server["command"] == ["server", "--mode", "epoll", "--port", "5000", "--recv-size", "4096",
+                                 "--workload", "bulk", "--idle-timeout", "60s"]
+    assert server["environment"]["SOCKLAB_LINK_RATE"] == "1gbit"
+    group = override["services"]["client-sender"]
+    assert group["deploy"] == {"replicas": 3}
+    assert group["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert group["labels"] == {"io.socklab.lab": "true", "io.socklab.case": "default"}
+    assert group["command"] == [
+        "client", "--mode", "select", "--host", "server", "--port", "5000", "--workload", "bulk",
+        "--connections", "4", "--bytes", "1048576", "--pattern", "Hello Python\n",
+        "--chunk", "65536", "--trace", "/tmp/socklab-trace.gz"]
+
+
+@pytest.mark.parametrize("workload,expected", [
+    ("{kind: echo, requests: 10, size: 2KiB, think: 5ms}",
+     ["--requests", "10", "--size", "2048", "--think", "0.005s"]),
+    ("{kind: connect, attempts: 3, cancel_after: 200ms}", ["--attempts", "3", "--cancel-after", "0.2s"]),
+    ("{kind: slow, rate: 50, hold: 2s}", ["--rate", "50", "--hold", "2s"]),
+])
+def test_each_workload_kind_passes_its_keys(workload, expected):
+    exp = experiment(f"name: t\nclients:\n  - name: c\n    workload: {workload}\n")
+    argv = scenario.client_argv(exp.group("c"), trace=False)
+    assert argv[argv.index("--connections") + 2:] == expected
+
+
+def test_timeout_mode_passes_its_socket_timeout():
+    exp = experiment("name: t\nclients:\n  - {name: c, mode: timeout, socket_timeout: 250ms}\n")
+    argv = scenario.client_argv(exp.group("c"), trace=False)
+    assert argv[-2:] == ["--timeout", "0.25s"]
+
+
+def test_echo_and_bulk_groups_cannot_share_a_server():
+    exp = experiment("name: t\nclients:\n  - {name: a, workload: {kind: echo}}\n"
+                     "  - {name: b, workload: {kind: bulk}}\n")
+    with pytest.raises(UsageError, match="cannot share one server"):
+        scenario.server_workload(exp)
+
+
+def test_dry_run_plans_are_the_containers_own_plans():
+    (case,) = expand_cases(experiment())
+    plans = scenario.shaping_plans(case.experiment)
+    env = scenario.link_env(case.experiment.group("sender").link)
+    assert plans["client-sender"] == shaping.build_plan(shaping.link_spec_from_env(env), "netem")
+    assert ["tc", "qdisc", "add", "dev", "eth0", "handle", "ffff:", "ingress"] in plans["server"]
