@@ -145,10 +145,15 @@ def test_bulk_counts_every_byte_and_answers_with_the_trailer(start, mode, tmp_pa
 def test_echo_returns_the_same_bytes_then_the_trailer(start, mode):
     server = start("--mode", mode, "--workload", "echo", "--max-connections", "1",
                    "--recv-size", "4KiB", "--rcvbuf", "128KiB", "--backlog", "16")
-    payload = os.urandom(2 * 1024 * 1024 + 5)
-    with server.connect() as sock:
-        # Reading late makes the replies back up in the server: partial sends.
-        reply = exchange(sock, payload, read_delay_s=0.2)
+    # More than the kernel's largest send buffer (4 MiB by default) plus a
+    # small receive window here, read late: the replies back up in the server,
+    # which must then cope with partial sends and stop reading for a while.
+    payload = os.urandom(8 * 1024 * 1024 + 5)
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.settimeout(WAIT_S)
+        sock.connect((LOOPBACK, server.port))
+        reply = exchange(sock, payload, read_delay_s=0.3)
     trailer = encode_trailer(len(payload))
     assert reply[:len(payload)] == payload
     assert reply[len(payload):] == trailer
@@ -239,6 +244,7 @@ def test_sigterm_stops_cleanly_with_the_result(start, mode, scenario):
         elif scenario == "in-send":
             sock = server.connect()
             assert fill_until_stuck(sock) > 0  # the server's echo is stuck on us
+        time.sleep(0.1)  # for the server to be blocked in its call again
         started = time.monotonic()
         server.signal(signal.SIGTERM)
         result = server.result()
@@ -271,6 +277,8 @@ def test_sigint_stops_like_sigterm(start, mode):
 def test_idle_timeout_closes_a_silent_connection(start, mode):
     server = start("--mode", mode, "--idle-timeout", "300ms", "--max-connections", "1")
     with server.connect() as sock:
+        # Activity restarts the clock: the close must come a full timeout later.
+        time.sleep(0.2)
         sock.sendall(b"abc")
         last_activity = time.monotonic()
         assert_closed_without_trailer(sock)
