@@ -47,8 +47,10 @@ _ACCEPTS_PER_WAKEUP = 64
 # select() cannot watch a descriptor >= FD_SETSIZE (1024 with glibc). The
 # margin covers the process's own descriptors (stdio, listener, self-pipe).
 _SELECT_MAX_CONNECTIONS = 1024 - 32
-# Out of descriptors in a blocking accept loop: nothing to wait on but time.
+# Out of descriptors or threads in a blocking accept loop: nothing to wait on
+# but time.
 _EXHAUSTED_RETRY_S = 0.05
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # Errors accept() reports for one failed connection, not for the listener
 # (accept(2), "Error handling"): take the next connection.
@@ -171,27 +173,32 @@ class Server:
         self.listener = sock
         self._t0 = time.monotonic()
 
-    def serve(self) -> dict[str, Any]:
-        """Run until the stop condition and return the result (not yet printed)."""
+    def serve(self, result_file: str | None = None) -> dict[str, Any]:
+        """Run until the stop condition, print the result line (also to ``result_file``), return it."""
         # Handlers first: whoever waits for the port may signal as soon as it
-        # opens. A stop before the strategy runs is seen by its first check.
-        stop_signals = (signal.SIGTERM, signal.SIGINT)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in stop_signals}
+        # opens; a stop before the strategy runs is seen by its first check.
+        # They stay until the result is out, so that a second SIGTERM cannot
+        # kill the process between stopping and reporting.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in _STOP_SIGNALS}
         try:
-            self.listen()
-            assert self.listener is not None
-            port = self.listener.getsockname()[1]
-            print(f"socklab server listening on {self.config.host}:{port} mode={self.config.mode}",
-                  file=sys.stderr, flush=True)
-            self.strategy.run(self)
+            try:
+                self.listen()
+                assert self.listener is not None
+                port = self.listener.getsockname()[1]
+                print(f"socklab server listening on {self.config.host}:{port} mode={self.config.mode}",
+                      file=sys.stderr, flush=True)
+                self.strategy.run(self)
+            finally:
+                if self.listener is not None:
+                    self.listener.close()
+            wall_s = time.monotonic() - self._t0
+            self._close_stragglers()
+            result = self._result(wall_s)
+            emit_result(result, result_file)
+            return result
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            if self.listener is not None:
-                self.listener.close()
-        wall_s = time.monotonic() - self._t0
-        self._close_stragglers()
-        return self._result(wall_s)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.request_stop("signal")
@@ -433,7 +440,17 @@ class ThreadedStrategy(Strategy):
                                       name=f"conn-{conn.peer}", daemon=True)
             with self._lock:
                 self._workers[sock] = thread
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:
+                # Out of threads (or of memory for their stacks): the limit of
+                # this model. The peer is turned away, its connection counted
+                # as reset (which closing it unread does), and serving goes on.
+                with self._lock:
+                    del self._workers[sock]
+                    sock.close()
+                server.close_connection(conn, "reset")
+                time.sleep(_EXHAUSTED_RETRY_S)
         with self._lock:
             for sock in self._workers:
                 _shutdown_quietly(sock)
@@ -443,6 +460,9 @@ class ThreadedStrategy(Strategy):
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _work(self, server: Server, sock: socket.socket, conn: Connection) -> None:
+        # Stop signals go to the main thread, whose accept() they must
+        # interrupt; Linux would pick any thread that does not block them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         closed_by = "reset"
         try:
             closed_by = _blocking_exchange(server, sock, conn, bytearray(server.config.recv_size_bytes))
@@ -546,8 +566,10 @@ class PollPoller:
         """Release the poller (poll keeps no kernel state)."""
 
 
-_EPOLL_READ = getattr(select, "EPOLLIN", 0) | getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
-_EPOLL_WRITE = getattr(select, "EPOLLOUT", 0) | getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
+# epoll is Linux-only; elsewhere the module still imports for the other modes.
+if hasattr(select, "epoll"):
+    _EPOLL_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+    _EPOLL_WRITE = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
 
 
 class EpollPoller:
@@ -1024,6 +1046,5 @@ def parse_args(argv: Sequence[str]) -> tuple[ServerConfig, str | None]:
 def main(argv: Sequence[str]) -> int:
     """``python -m socklab server ...``: serve until the stop condition, print the result, return 0."""
     config, result_file = parse_args(argv)
-    server = Server(config, STRATEGIES[config.mode]())
-    emit_result(server.serve(), result_file)
+    Server(config, STRATEGIES[config.mode]()).serve(result_file)
     return 0
