@@ -160,19 +160,26 @@ class DockerAPI:
                 raise _convert(f"signal {container.name}", exc) from None
 
     def remove_labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
-        """Remove every container, network and volume carrying ``label``; what was removed."""
+        """Remove every container, network and volume carrying ``label``; what was removed.
+
+        Containers go first (they hold the networks and volumes); an object that
+        disappears meanwhile (a project being torn down) is simply gone already.
+        """
         removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
         flt = {"label": [label]}
         try:
-            for c in self._client.containers.list(all=True, filters=flt):
-                c.remove(force=True, v=True)
-                removed["containers"].append(c.name)
-            for n in self._client.networks.list(filters=flt):
-                n.remove()
-                removed["networks"].append(n.name)
-            for v in self._client.volumes.list(filters=flt):
-                v.remove(force=True)
-                removed["volumes"].append(v.name)
+            kinds = (("containers", lambda: self._client.containers.list(all=True, filters=flt),
+                      lambda c: c.remove(force=True, v=True)),
+                     ("networks", lambda: self._client.networks.list(filters=flt), lambda n: n.remove()),
+                     ("volumes", lambda: self._client.volumes.list(filters=flt),
+                      lambda v: v.remove(force=True)))
+            for kind, listing, remove in kinds:
+                for obj in listing():
+                    try:
+                        remove(obj)
+                    except docker.errors.NotFound:
+                        continue
+                    removed[kind].append(obj.name)
         except docker.errors.DockerException as exc:
             raise _convert("remove the lab's leftovers", exc) from None
         return removed

@@ -131,3 +131,42 @@ def test_bad_experiment_is_one_sentence_and_exit_2(tmp_path):
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert "bad.yaml:4" in line and "blockin" in line and "nonblocking" in line
+
+
+def test_link_show_and_set_on_a_running_lab(project):
+    env = {"SERVER_MODE": "threaded", "SERVER_MAX_CONNECTIONS": "1000", "SERVER_LINK_RATE": "50mbit"}
+    project.up("server", env=env)
+    shown = lab("link", "--project", project.name, "show", "server", "--json")
+    assert shown.returncode == 0, shown.stderr
+    (link,) = json.loads(shown.stdout).values()
+    assert link["applied"]["up"]["rate_bps"] == 50_000_000
+
+    changed = lab("link", "--project", project.name, "set", "server", "rate=20mbit")
+    assert changed.returncode == 0, changed.stderr
+    (link,) = json.loads(lab("link", "--project", project.name, "show", "--json").stdout).values()
+    assert link["applied"]["up"]["rate_bps"] == link["applied"]["down"]["rate_bps"] == 20_000_000
+    assert any(q["kind"] == "tbf" and q["options"]["rate"] == 20_000_000 // 8
+               for q in link["qdisc"]["eth0"])
+
+    bad = lab("link", "--project", project.name, "set", "server", "rate=fast")
+    assert bad.returncode == 2 and "rate" in bad.stderr
+    missing = lab("link", "--project", f"{project.name}-none", "show")
+    assert missing.returncode == 2 and "no running container" in missing.stderr
+
+
+def test_clean_removes_what_carries_the_label_and_nothing_else(project):
+    project.up("server", env={"SERVER_MAX_CONNECTIONS": "1000"})
+    bystander = f"{project.name}-unlabelled"
+    subprocess.run(["docker", "run", "-d", "--name", bystander, "--entrypoint", "sleep",
+                    "socklab:latest", "120"], check=True, capture_output=True)
+    try:
+        done = lab("clean")
+        assert done.returncode == 0, done.stderr
+        assert f"{project.name}-server-1" in done.stdout
+        left = DockerAPI().labelled()
+        assert left == {"containers": [], "networks": [], "volumes": []}
+        alive = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", bystander],
+                               capture_output=True, text=True)
+        assert alive.stdout.strip() == "true"
+    finally:
+        subprocess.run(["docker", "rm", "-f", bystander], capture_output=True)
