@@ -63,7 +63,6 @@ def _positive(parse):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be above zero")
         return value
-    parse_positive.__name__ = parse.__name__
     return parse_positive
 
 
@@ -188,7 +187,15 @@ def _round(value: float | None, digits: int = 6) -> float | None:
 def summarize(args: argparse.Namespace, opts: WorkloadOptions, conns: list[ConnBase],
               loops: list[EventLoop], wall_s: float, cpu_s: float,
               errors: list[str]) -> dict[str, Any]:
-    """The result line: totals over connections, every SPEC field present."""
+    """The result line: totals over connections, every SPEC field present.
+
+    Counts and bytes are summed over connections. ``send_s`` is the time
+    inside send() (asyncio: write() and drain()); ``blocked_s`` the time
+    inside every socket call and wait, summed over the threads or tasks that
+    made them (a shared select/poll/epoll wait counts once), so with several
+    threaded connections it can exceed ``wall_s``. ``eagain`` counts send()
+    calls that met EAGAIN; other calls' EAGAIN show in the trace.
+    """
     calls: Counter[str] = Counter()
     call_s: Counter[str] = Counter()
     for conn in conns:

@@ -85,6 +85,7 @@ class ConnBase(abc.ABC):
         self.settings = settings
         self.clock = settings.clock
         self._trace = settings.tracer.add if settings.tracer is not None else None
+        self._origin_s = settings.origin_s
         self.sock: socket.socket | None = None
         # Totals for this connection; clients.py sums them over connections.
         self.bytes_requested = 0
@@ -115,8 +116,7 @@ class ConnBase(abc.ABC):
     def _record(self, start: float, call: str, asked: int, returned: int, err: str,
                 spent_s: float, attempts: int = 1) -> None:
         if self._trace is not None:
-            self._trace((start - self.settings.origin_s, self.index, call, asked, returned,
-                         err, spent_s, attempts))
+            self._trace((start - self._origin_s, self.index, call, asked, returned, err, spent_s, attempts))
 
     def _connect_timeout_s(self) -> float | None:
         # A settimeout(T) program's connect() gives up after T unless told otherwise.
@@ -227,6 +227,8 @@ class ConnBase(abc.ABC):
         connected = outcome == "connected"
         if connected:
             self.connect_s.append(away_s)
+            # The stop came while a blocking connect() held control: the
+            # program can act on it only now, and drops the connection.
             if cancel_after_s is not None and away_s >= cancel_after_s:
                 outcome = "cancelled"
         self.attempts.append((outcome, away_s))
@@ -333,9 +335,10 @@ class SocketConn(ConnBase):
                     raise CallFailed(call, exc) from exc
                 spent_s = clock() - start
                 self._count(call, spent_s)
-                if self._trace is not None:
+                trace = self._trace
+                if trace is not None:  # inlined: this is the path every successful call takes
                     returned = result if isinstance(result, int) else len(result) if result is not None else 0
-                    self._record(start, call, asked, returned, "", spent_s)
+                    trace((start - self._origin_s, self.index, call, asked, returned, "", spent_s, 1))
                 return result
         finally:
             if busy_attempts:

@@ -18,7 +18,7 @@ import math
 import select
 import time
 from collections import deque
-from typing import Any, Callable, Generator, Iterable, NamedTuple
+from typing import Any, Callable, Generator, Iterable, NamedTuple, Protocol
 
 
 class Limit(NamedTuple):
@@ -72,6 +72,24 @@ class Sleep(NamedTuple):
 
 
 Step = Generator[Any, Any, Any]
+
+
+class Poller(Protocol):
+    """What the event loop needs from select, poll or epoll."""
+
+    name: str
+
+    def register(self, fd: int, want_write: bool) -> None:
+        """Watch ``fd`` for writability (or readability) until unregistered."""
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd``; done before its socket may be closed."""
+
+    def wait(self, timeout_s: float | None) -> list[int]:
+        """The watched fds that are ready, waiting at most ``timeout_s`` (None: forever)."""
+
+    def close(self) -> None:
+        """Release what the poller holds."""
 
 
 class SelectPoller:
@@ -142,7 +160,7 @@ class EpollPoller:
         self._epoll.close()
 
 
-POLLERS: dict[str, Callable[[], Any]] = {
+POLLERS: dict[str, Callable[[], Poller]] = {
     "select": SelectPoller, "poll": PollPoller, "epoll": EpollPoller,
 }
 
@@ -172,7 +190,7 @@ class EventLoop:
     traced as one record of connection ``conn`` (-1 when shared by several).
     """
 
-    def __init__(self, poller: Any, clock: Callable[[], float],
+    def __init__(self, poller: Poller, clock: Callable[[], float],
                  trace: Callable[[tuple], None] | None, origin_s: float, conn: int) -> None:
         self.poller = poller
         self.clock = clock
