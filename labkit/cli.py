@@ -1,4 +1,4 @@
-"""lab.py's commands: run, check, list, doctor, report, link, clean.
+"""lab.py's commands: run, check, list, doctor, report, compare, link, clean.
 
 Errors are one or two sentences and an exit code (2 bad input, 3 the engine
 cannot run the lab, 1 a case failed or an expectation did not hold); a
@@ -11,6 +11,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import platform
 import shlex
 import signal
@@ -227,12 +228,22 @@ def _finish(rundir, meta: dict) -> None:
 # ---------------------------------------------------------------- report/doctor
 
 def cmd_report(args) -> int:
-    """Rebuild report.md and summary.csv from a run directory alone."""
+    """Rebuild report.md, plots/ and summary.csv from a run directory alone."""
     from .rundir import RunDir
 
     rundir = RunDir.open_existing(Path(args.run_dir))
     report.write_report(rundir)
     _say(f"wrote {rundir.path / 'report.md'}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """Put several run directories side by side: compare.md and plots in --out."""
+    from . import compare
+
+    out = Path(args.out) if args.out else compare.default_out(DEFAULT_OUT)
+    path = compare.write_comparison([Path(p) for p in args.run_dirs], out)
+    _say(f"wrote {path}")
     return 0
 
 
@@ -350,9 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("list", help="the experiments in configs/").set_defaults(func=cmd_list)
     sub.add_parser("doctor", help="check the engine and kernel").set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("report", help="rebuild report.md from a run directory")
+    p = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="put 2 to 4 runs side by side (before/after)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", help="directory for compare.md and plots/ (default results/compare/<time>)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("link", help="show or change a running lab's links")
     p.add_argument("--project", default="socklab", help="Compose project (default socklab)")
@@ -385,3 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lab.py: interrupted", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`lab.py check X | head`): nothing left to say.
+        sys.stdout = open(os.devnull, "w")
+        return 0

@@ -312,10 +312,11 @@ class ServerConfig:
     mode: str
     recv_size_bytes: int
     link: LinkConfig
+    rcvbuf_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The server as config keys."""
-        return {**_render_fields(self, _SERVER_FIELDS), "link": self.link.to_dict()}
+        return {**_render_optional_fields(self, _SERVER_FIELDS), "link": self.link.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -329,10 +330,12 @@ class ClientGroup:
     socket_timeout_s: float
     workload: Workload
     link: LinkConfig
+    sndbuf_bytes: int | None = None
+    rcvbuf_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The group as config keys."""
-        return {**_render_fields(self, _CLIENT_FIELDS), "workload": self.workload.to_dict(),
+        return {**_render_optional_fields(self, _CLIENT_FIELDS), "workload": self.workload.to_dict(),
                 "link": self.link.to_dict()}
 
 
@@ -585,6 +588,8 @@ _TOP_FIELDS = (
 _SERVER_FIELDS = (
     _Field("mode", "mode", _choice("a server mode", SERVER_MODES), "blocking"),
     _Field("recv_size", "recv_size_bytes", _size, 1024),
+    # SO_RCVBUF of every accepted connection: the receive window a sender meets.
+    _Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
 )
 _CLIENT_FIELDS = (
     _Field("name", "name", _group_name, _REQUIRED),
@@ -592,6 +597,9 @@ _CLIENT_FIELDS = (
     _Field("connections", "connections", _whole(1), 1),
     _Field("mode", "mode", _choice("a client mode", CLIENT_MODES), "blocking"),
     _Field("socket_timeout", "socket_timeout_s", _positive_seconds, 1.0, _render_seconds),
+    # SO_SNDBUF sets what one non-blocking send() can take; SO_RCVBUF the window.
+    _Field("sndbuf", "sndbuf_bytes", _optional(_size), None),
+    _Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
 )
 _LINK_DIRECTION_FIELDS = (
     _Field("rate", "rate_bps", units.parse_rate_bps, None, units.format_rate),
@@ -636,6 +644,12 @@ _FIELDS_OF: dict[type, tuple[_Field, ...]] = {
 _LINK_KEYS = (*(f.key for f in _LINK_DIRECTION_FIELDS), "up", "down", "backend")
 _TOP_KEYS = ("name", "description", "repeat", "timeout", "server", "clients", "matrix",
              "schedule", "expect")
+
+
+def _render_optional_fields(obj: Any, fields: Iterable[_Field]) -> dict[str, Any]:
+    """Fields as config keys, leaving out the optional ones (default None) that are unset."""
+    return {key: value for key, value in _render_fields(obj, fields).items()
+            if not (value is None and next(f for f in fields if f.key == key).default is None)}
 
 
 def _render_fields(obj: Any, fields: Iterable[_Field], skip_none: bool = False) -> dict[str, Any]:
@@ -936,7 +950,7 @@ class _Builder:
                           expect=expect, source=self.raw, **top)
 
     def server(self, path: KeyPath) -> ServerConfig:
-        self.mapping(path, ("mode", "recv_size", "link"), "the server")
+        self.mapping(path, (*(f.key for f in _SERVER_FIELDS), "link"), "the server")
         return ServerConfig(**self.fields(path, _SERVER_FIELDS), link=self.link(path + ("link",)))
 
     def clients(self, path: KeyPath) -> tuple[ClientGroup, ...]:

@@ -85,9 +85,12 @@ def server_workload(experiment: Experiment) -> str:
 def server_argv(experiment: Experiment) -> list[str]:
     """The server role's arguments (it runs until the orchestrator stops it)."""
     server = experiment.server
-    return ["server", "--mode", server.mode, "--port", str(SERVER_PORT),
+    argv = ["server", "--mode", server.mode, "--port", str(SERVER_PORT),
             "--recv-size", str(server.recv_size_bytes), "--workload", server_workload(experiment),
             "--idle-timeout", SERVER_IDLE_TIMEOUT]
+    if server.rcvbuf_bytes is not None:
+        argv += ["--rcvbuf", str(server.rcvbuf_bytes)]
+    return argv
 
 
 def _seconds(value: float | None) -> str | None:
@@ -116,6 +119,9 @@ def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
     argv = ["client", "--mode", group.mode, "--host", SERVER_SERVICE, "--port", str(SERVER_PORT),
             "--workload", group.workload.kind, "--connections", str(group.connections),
             *_workload_args(group.workload)]
+    for flag, value in (("--sndbuf", group.sndbuf_bytes), ("--rcvbuf", group.rcvbuf_bytes)):
+        if value is not None:
+            argv += [flag, str(value)]
     if group.mode == "timeout":
         argv += ["--timeout", _seconds(group.socket_timeout_s)]
     if trace:

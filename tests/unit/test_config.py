@@ -196,7 +196,7 @@ BAD = [
      "server.mode: 'fork' is not a server mode: use one of blocking, threaded, select, poll, epoll, asyncio"),
     ("name: t\nserver:\n  recv_size: 0\nclients:\n  - name: sender\n", 3, "server.recv_size: 0 is too small"),
     ("name: t\nserver:\n  idle: 5s\nclients:\n  - name: sender\n", 3,
-     "server.idle: unknown key for the server: use mode, recv_size, link"),
+     "server.idle: unknown key for the server: use mode, recv_size, rcvbuf, link"),
     ("name: t\nclients:\n  - name: sender\n    mode: async\n", 4,
      "clients[0].mode: 'async' is not a client mode: use one of blocking, nonblocking, nonblocking-spin, select, "
      "poll, epoll, asyncio, timeout"),

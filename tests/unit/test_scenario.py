@@ -104,3 +104,13 @@ def test_dry_run_plans_are_the_containers_own_plans():
     env = scenario.link_env(case.experiment.group("sender").link)
     assert plans["client-sender"] == shaping.build_plan(shaping.link_spec_from_env(env), "netem")
     assert ["tc", "qdisc", "add", "dev", "eth0", "handle", "ffff:", "ingress"] in plans["server"]
+
+
+def test_socket_buffers_reach_the_roles():
+    exp = experiment("name: t\nserver: {rcvbuf: 64KiB}\n"
+                     "clients:\n  - {name: c, sndbuf: 32KiB, rcvbuf: 1MiB}\n")
+    assert scenario.server_argv(exp)[-2:] == ["--rcvbuf", "65536"]
+    argv = scenario.client_argv(exp.group("c"), trace=False)
+    assert argv[-4:] == ["--sndbuf", "32768", "--rcvbuf", "1048576"]
+    again = load_experiment_text(__import__("yaml").safe_dump(exp.to_dict()), "again.yaml")
+    assert again == exp
