@@ -80,8 +80,9 @@ def _port_arg(text: str) -> int:
 
 
 def _pattern_arg(text: str) -> bytes:
-    # Pass escapes through the shell as written in the tutorial ("Hello Python\n").
-    data = text.encode("utf-8").decode("unicode_escape").encode("latin-1")
+    # Taken literally: the orchestrator passes the string its YAML decoded,
+    # and escapes interpreted here would change a pattern behind its back.
+    data = text.encode("utf-8", "surrogateescape")
     if not data:
         raise argparse.ArgumentTypeError("the pattern must not be empty")
     return data
@@ -99,7 +100,8 @@ def build_parser() -> ArgumentParser:
     bulk = p.add_argument_group("bulk")
     bulk.add_argument("--bytes", type=size_arg, help=f"payload size (default {_DEFAULTS.bytes})")
     bulk.add_argument("--pattern", type=_pattern_arg,
-                      help="bytes repeated to make the payload (default 'Hello Python\\n')")
+                      help="text repeated to make the payload, taken literally (default: Hello Python"
+                           " and a newline)")
     bulk.add_argument("--chunk", type=_chunk_arg,
                       help="most bytes offered per send() (default all: everything that is left)")
     echo = p.add_argument_group("echo")
