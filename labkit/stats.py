@@ -42,7 +42,7 @@ SERVER_FIELDS = ("connections", "bytes_received", "cpu_s", "max_concurrent")
 CLIENT_FIELDS = (
     "bytes_requested", "bytes_accepted", "bytes_delivered", "send_calls", "eagain",
     "timeouts", "send_s", "blocked_s", "wall_s", "cpu_s", "goodput_bps", "connect_s",
-    "tcp.rtt_ms", "tcp.retrans", "tcp.snd_cwnd",
+    "tcp.rtt_ms", "tcp.retrans", "tcp.snd_cwnd", "sndbuf_bytes", "rcvbuf_bytes",
 )
 # latency_ms is an object of named statistics (p50, p99, ...) whose keys the
 # client chooses, so any key under it is a valid name.

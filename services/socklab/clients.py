@@ -233,6 +233,8 @@ def summarize(args: argparse.Namespace, opts: WorkloadOptions, conns: list[ConnB
         "connect_s": _round(_mean(connect_times)),
         "latency_ms": latency_summary(latencies) if args.workload == "echo" else None,
         "tcp": combine_tcp_info([info for c in conns for info in c.tcp_infos]),
+        "sndbuf_bytes": max((c.sndbuf_bytes for c in conns if c.sndbuf_bytes is not None), default=None),
+        "rcvbuf_bytes": max((c.rcvbuf_bytes for c in conns if c.rcvbuf_bytes is not None), default=None),
     }
     if args.workload == "echo":
         last_reply = max((c.last_reply_at for c in conns if c.last_reply_at is not None), default=None)

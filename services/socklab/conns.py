@@ -100,6 +100,8 @@ class ConnBase(abc.ABC):
         self.attempts: list[tuple[str, float]] = []  # connect workload: (outcome, control away s)
         self.latencies_s: list[float] = []
         self.tcp_infos: list[dict[str, Any] | None] = []
+        self.sndbuf_bytes: int | None = None
+        self.rcvbuf_bytes: int | None = None
         self.first_send_at: float | None = None
         self.last_reply_at: float | None = None
         self.eof_at: float | None = None
@@ -186,6 +188,10 @@ class ConnBase(abc.ABC):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.settings.sndbuf_bytes)
         if self.settings.rcvbuf_bytes is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.settings.rcvbuf_bytes)
+        # What the kernel granted (it doubles a request for its bookkeeping):
+        # the figure a non-blocking send()'s partial count is to be read against.
+        self.sndbuf_bytes = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.rcvbuf_bytes = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         self.sock = sock
         return sock
 
