@@ -38,7 +38,8 @@ _T_975 = (
 _Z_975 = 1.959963984540054
 
 CASE_FIELDS = ("wall_s",)
-SERVER_FIELDS = ("connections", "bytes_received", "cpu_s", "max_concurrent")
+SERVER_FIELDS = ("connections", "bytes_received", "bytes_sent", "cpu_s", "max_concurrent",
+                 "threads_max", "peak_rss_kib", "idle_timeouts", "wall_s")
 CLIENT_FIELDS = (
     "bytes_requested", "bytes_accepted", "bytes_delivered", "send_calls", "eagain",
     "timeouts", "send_s", "blocked_s", "wall_s", "cpu_s", "goodput_bps", "connect_s",

@@ -17,6 +17,11 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def peak_rss_kib() -> int:
+    """The most resident memory this process has used so far, in KiB (Linux units)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def emit_result(result: dict[str, Any], result_file: str | None = None) -> None:
     """Print ``result`` as one JSON line tagged with the result key and schema.
 

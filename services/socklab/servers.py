@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from .cli import ArgumentParser, duration_arg, positive_int, size_arg
 from .errors import SocklabError
 from .protocol import encode_trailer
-from .results import cpu_seconds, emit_result
+from .results import cpu_seconds, emit_result, peak_rss_kib
 
 WORKLOADS = ("bulk", "echo", "connect", "slow")
 
@@ -267,6 +267,7 @@ class Server:
             "cpu_s": round(cpu_seconds(), 6),
             "max_concurrent": self._max_concurrent,
             "threads_max": self._threads_max,
+            "peak_rss_kib": peak_rss_kib(),
             "idle_timeouts": self._idle_timeouts,
             "wall_s": round(wall_s, 6),
             "stopped_by": self.stopped_by,
