@@ -73,13 +73,19 @@ def link_assignments(change: LinkConfig) -> list[str]:
 
 
 def server_workload(experiment: Experiment) -> str:
-    """What the server does with bytes: echo them (echo groups) or count them."""
+    """What the server does with bytes: echo them (when a group wants echoes) or count them.
+
+    Slow and connect peers work against either; a bulk sender cannot share an
+    echo server, since it never reads the echo of what it sends and both would stall.
+    """
     kinds = {group.workload.kind for group in experiment.clients}
-    if "echo" in kinds and kinds != {"echo"}:
+    if "echo" not in kinds:
+        return "bulk"
+    if "bulk" in kinds:
         raise UsageError(
-            f"experiment {experiment.name}: echo and {', '.join(sorted(kinds - {'echo'}))} "
-            "client groups cannot share one server in a case: the server either echoes or counts")
-    return "echo" if kinds == {"echo"} else "bulk"
+            f"experiment {experiment.name}: echo and bulk client groups cannot share one server "
+            "in a case: the server would echo the bulk payload to a client that never reads it")
+    return "echo"
 
 
 def server_argv(experiment: Experiment) -> list[str]:

@@ -98,6 +98,12 @@ def test_echo_and_bulk_groups_cannot_share_a_server():
         scenario.server_workload(exp)
 
 
+def test_slow_peers_share_an_echo_server():
+    exp = experiment("name: t\nclients:\n  - {name: a, workload: {kind: echo}}\n"
+                     "  - {name: b, workload: {kind: slow}}\n")
+    assert scenario.server_workload(exp) == "echo"
+
+
 def test_dry_run_plans_are_the_containers_own_plans():
     (case,) = expand_cases(experiment())
     plans = scenario.shaping_plans(case.experiment)
