@@ -111,9 +111,9 @@ def _metric_table(rows: Sequence[Mapping[str, str]], columns: Sequence[tuple[str
 
 def _observed_text(observed: Mapping[str, Any]) -> str:
     def number(v: Any) -> str:
-        if isinstance(v, float) and not v.is_integer():
+        if isinstance(v, float) and not v.is_integer() and abs(v) < 1e4:
             return f"{v:.6g}"
-        return f"{v:,}" if isinstance(v, (int, float)) else str(v)
+        return f"{v:,.0f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
     return ", ".join(f"{k} = {number(v)}" for k, v in observed.items())
 
 
