@@ -360,10 +360,11 @@ class ScheduleStep:
 
 @dataclass(frozen=True)
 class Condition:
-    """``setting == value`` for one dotted setting key; the value is parsed."""
+    """The dotted setting ``key`` has one of ``values`` (parsed); a YAML list in
+    ``when`` gives several, a single value one."""
 
     key: str
-    value: Any
+    values: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -376,13 +377,16 @@ class Expectation:
 
     def applies_to(self, experiment: Experiment) -> bool:
         """True when every ``when`` condition holds for this (case's) experiment."""
-        return all(experiment.setting(c.key) == c.value for c in self.when)
+        return all(experiment.setting(c.key) in c.values for c in self.when)
 
     def to_dict(self, experiment: Experiment) -> dict[str, Any]:
         """The expectation as config keys (``experiment`` renders ``when`` values)."""
         result: dict[str, Any] = {"name": self.name}
         if self.when:
-            result["when"] = {c.key: experiment.setting_field(c.key).render(c.value) for c in self.when}
+            result["when"] = {}
+            for c in self.when:
+                rendered = [experiment.setting_field(c.key).render(v) for v in c.values]
+                result["when"][c.key] = rendered[0] if len(rendered) == 1 else rendered
         result["check"] = self.check.text
         return result
 
@@ -1048,11 +1052,16 @@ class _Builder:
         conditions = []
         for key, wanted in value.items():
             _, spec = _setting_path(self.raw.tree, key, ("timeout",), self.failer(path + (key,)))
-            try:
-                parsed = spec.parse(wanted)
-            except UsageError as exc:
-                self.fail(path + (key,), str(exc))
-            conditions.append(Condition(key, parsed))
+            listed = isinstance(wanted, (list, tuple))
+            if listed and not wanted:
+                self.fail(path + (key,), "is an empty list: give a value or a list of values")
+            parsed = []
+            for index, one in enumerate(wanted if listed else [wanted]):
+                try:
+                    parsed.append(spec.parse(one))
+                except UsageError as exc:
+                    self.fail(path + (key, index) if listed else path + (key,), str(exc))
+            conditions.append(Condition(key, tuple(parsed)))
         return tuple(conditions)
 
     def matrix(self, path: KeyPath) -> tuple[MatrixAxis, ...]:

@@ -398,3 +398,16 @@ def test_messages_follow_file_line_key_message():
             load(text)
         if "YAML" not in str(info.value) and "missing" not in str(info.value) and "mapping of keys" not in str(info.value):
             assert pattern.match(str(info.value)), str(info.value)
+
+
+def test_when_accepts_a_list_of_values():
+    text = ("name: t\nserver: {mode: blocking}\nclients:\n  - {name: c}\n"
+            "matrix:\n  server.mode: [blocking, epoll, asyncio]\n"
+            "expect:\n  - name: x\n    when: {server.mode: [epoll, asyncio]}\n    check: 'c.wall_s > 0'\n")
+    experiment = load_experiment_text(text, "t.yaml")
+    from labkit.matrix import expand_cases
+    applies = [experiment.expect[0].applies_to(case.experiment) for case in expand_cases(experiment)]
+    assert applies == [False, True, True]
+    assert experiment.to_dict()["expect"][0]["when"] == {"server.mode": ["epoll", "asyncio"]}
+    with pytest.raises(ConfigError, match=r"t.yaml:9: expect\[0\].when.server.mode\[1\]: .*server mode"):
+        load_experiment_text(text.replace("[epoll, asyncio]", "[epoll, async]"), "t.yaml")
