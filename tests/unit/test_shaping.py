@@ -250,8 +250,16 @@ def test_unshaped_link_has_an_empty_plan():
     assert build_plan(LinkSpec(), "netem") == []
 
 
-def test_teardown_removes_root_ingress_and_ifb():
+def test_teardown_removes_the_delay_line_then_root_ingress_and_ifb():
+    mangle = ["iptables", "-w", "-t", "mangle"]
     assert build_teardown("eth0", "ifb0") == [
+        [*mangle, "-D", "POSTROUTING", "-o", "eth0", "-j", "socklab-up"],
+        [*mangle, "-F", "socklab-up"],
+        [*mangle, "-X", "socklab-up"],
+        [*mangle, "-D", "PREROUTING", "-i", "eth0", "-j", "socklab-down"],
+        [*mangle, "-F", "socklab-down"],
+        [*mangle, "-X", "socklab-down"],
+        ["python3", "-m", "socklab", "shape", "delayline", "stop"],
         ["tc", "qdisc", "del", "dev", "eth0", "root"],
         ["tc", "qdisc", "del", "dev", "eth0", "ingress"],
         ["ip", "link", "del", "dev", "ifb0"],
@@ -261,15 +269,29 @@ def test_teardown_removes_root_ingress_and_ifb():
 # --- backend choice --------------------------------------------------------------
 
 
-def test_delay_on_a_kernel_without_netem_is_one_clear_sentence():
+def test_delay_on_a_kernel_without_netem_goes_to_the_userspace_backend():
     spec = link_spec_from_mapping({"rate": "10mbit", "delay": "20ms"})
+    assert choose_backend("auto", NO_NETEM, spec).name == "userspace"
+    assert choose_backend("auto", ALL_CAPS, spec).name == "netem"
+    assert choose_backend("userspace", ALL_CAPS, spec).name == "userspace"
     with pytest.raises(EngineError) as err:
-        choose_backend("auto", NO_NETEM, spec)
+        choose_backend("netem", NO_NETEM, spec)
     assert str(err.value) == (
         "the link asks for delay 20ms (up) but this kernel has no netem qdisc (kernel module sch_netem); "
-        "rate-only links work here, and delay/jitter/loss need the userspace backend, which is not available yet"
+        "backend auto or userspace can shape this link here"
     )
     assert err.value.exit_code == 3
+
+
+def test_a_kernel_without_netem_or_nfqueue_says_why_for_both_backends():
+    bare = Capabilities(tbf=True, htb=True, ingress=True, ifb=True, u32=True, mirred=True)
+    with pytest.raises(EngineError) as err:
+        choose_backend("auto", bare, link_spec_from_mapping({"up": {"loss": "1%"}}))
+    assert str(err.value) == (
+        "the link asks for loss 1% (up) but this kernel has no netem qdisc (kernel module sch_netem); nor can the "
+        "userspace backend: the link asks for loss 1% (up), which the userspace backend does with an NFQUEUE delay "
+        "line, but this kernel lacks NFQUEUE (kernel modules nfnetlink_queue / xt_NFQUEUE)"
+    )
 
 
 def test_missing_netem_names_everything_the_direction_asks_for():
@@ -295,11 +317,13 @@ def test_missing_tbf_or_ingress_pieces_are_named():
     )
 
 
-def test_userspace_backend_is_refused_until_it_exists():
-    with pytest.raises(EngineError, match="userspace backend .* is not available yet"):
-        choose_backend("userspace", ALL_CAPS, link_spec_from_mapping({"delay": "20ms"}))
-    with pytest.raises(EngineError, match="not available yet"):
-        build_plan(LinkSpec(), "userspace")
+def test_userspace_down_delay_needs_no_ifb_but_a_down_rate_does():
+    no_ifb = Capabilities(tbf=True, nfqueue=True)
+    assert choose_backend("auto", no_ifb, link_spec_from_mapping({"down": {"delay": "5ms"}})).name == "userspace"
+    with pytest.raises(EngineError, match=r"down direction \(rate 1mbit delay 5ms\), which needs an ifb device"):
+        choose_backend("userspace", no_ifb, link_spec_from_mapping({"down": {"rate": "1mbit", "delay": "5ms"}}))
+    with pytest.raises(UsageError, match="'fast' is not a shaping backend"):
+        build_plan(LinkSpec(), "fast")
 
 
 # --- executor, probe, apply/set/show with a fake kernel ---------------------------
@@ -326,8 +350,8 @@ class FakeKernel:
         return ""
 
     def changing(self):
-        """Calls that change something (not the read-only show commands)."""
-        return [c for c in self.calls if c[:2] not in (["tc", "-s"], ["ip", "-o"])]
+        """Calls that change something (not the read-only show and list commands)."""
+        return [c for c in self.calls if c[:2] not in (["tc", "-s"], ["ip", "-o"]) and c[-1] != "-S"]
 
 
 def test_run_returns_stdout_and_raises_one_readable_error():
@@ -388,7 +412,8 @@ def test_apply_tears_down_then_runs_the_plan_and_remembers_it(tmp_path):
 def test_apply_that_the_kernel_cannot_do_touches_nothing(tmp_path):
     fake = FakeKernel()
     with pytest.raises(EngineError, match="no netem qdisc"):
-        apply_spec(link_spec_from_mapping({"delay": "20ms"}), runner=fake, state_path=tmp_path / "s.json", caps=NO_NETEM)
+        apply_spec(link_spec_from_mapping({"delay": "20ms"}), "netem", runner=fake, state_path=tmp_path / "s.json",
+                   caps=NO_NETEM)
     assert fake.calls == [] and not (tmp_path / "s.json").exists()
 
 
@@ -396,7 +421,7 @@ def test_apply_failing_half_way_removes_what_it_built(tmp_path):
     fake = FakeKernel(fails=lambda argv: argv[:3] == ["tc", "filter", "add"])
     with pytest.raises(ShapingError, match="tc filter add dev eth0"):
         apply_spec(link_spec_from_mapping({"rate": "10mbit"}), runner=fake, state_path=tmp_path / "s.json", caps=ALL_CAPS)
-    assert fake.changing()[-3:] == build_teardown("eth0", "ifb0")
+    assert fake.changing()[-len(build_teardown()):] == build_teardown("eth0", "ifb0")
 
 
 def test_teardown_that_leaves_something_behind_is_an_error(tmp_path):
@@ -445,7 +470,7 @@ def test_set_rebuilds_when_the_layout_changes_and_reuses_the_probe(tmp_path):
     # The kernel was not probed again: the state file kept what the first probe found.
     assert not any("socklab-probe0" in c for c in fake.calls)
     with pytest.raises(EngineError, match=r"^the link asks for delay 20ms \(up\)"):
-        set_link(changes_from_assignments(["delay=20ms"])[0], runner=fake, state_path=state)
+        set_link(changes_from_assignments(["delay=20ms"])[0], "netem", runner=fake, state_path=state)
     assert json.loads(state.read_text())["applied"] == new.to_dict()
 
 
@@ -469,9 +494,10 @@ def test_show_combines_the_state_and_the_kernels_counters(tmp_path):
     entry = {"kind": "tbf", "handle": "1:", "parent": "root", "options": {"rate": 1250000, "burst": 15140, "lat": 8478},
              "bytes": 3000, "packets": 2, "drops": 1, "overlimits": 5, "backlog": 1514, "qlen": 1}
     assert shown == {"backend": "netem", "applied": {"up": {"rate_bps": 10_000_000}, "down": {"rate_bps": 10_000_000}},
-                     "qdisc": {"eth0": [entry], "ifb0": [entry]}}
+                     "qdisc": {"eth0": [entry], "ifb0": [entry]}, "delay_line": None}
     nothing = show_link(FakeKernel(), state_path=tmp_path / "none.json")
-    assert nothing == {"backend": "none", "applied": {"up": {}, "down": {}}, "qdisc": {"eth0": [], "ifb0": []}}
+    assert nothing == {"backend": "none", "applied": {"up": {}, "down": {}}, "qdisc": {"eth0": [], "ifb0": []},
+                       "delay_line": None}
 
 
 def test_qdisc_text_is_parsed_when_tc_has_no_json():
@@ -513,7 +539,7 @@ def test_apply_from_env_uses_every_setting(tmp_path):
                "SOCKLAB_LINK_BACKEND": "netem", "SOCKLAB_LINK_STATE": str(tmp_path / "l.json")}
     result = apply_from_env(environ, fake)
     assert result["summary"] == "link eth1: up rate 2mbit, down unshaped (backend netem, applied, 1 commands)"
-    assert fake.changing()[-4:] == build_teardown("eth1", "ifb3") + [
+    assert fake.changing()[-len(build_teardown()) - 1:] == build_teardown("eth1", "ifb3") + [
         ["tc", "qdisc", "add", "dev", "eth1", "root", "handle", "1:", "tbf", "rate", "2mbit", "burst", "15140",
          "limit", "24224"]]
     assert json.loads((tmp_path / "l.json").read_text())["dev"] == "eth1"
@@ -613,6 +639,10 @@ class Pair:
             run(["ip", "-n", ns, "link", "set", "eth0", "up"])
 
     def delete(self) -> None:
+        # A delay line is a process: it would outlive its namespace.
+        subprocess.run(["ip", "netns", "exec", self.a, sys.executable, "-m", "socklab", "shape", "delayline", "stop"],
+                       capture_output=True, check=False, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(SERVICES)})
         for ns in (self.a, self.b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
 
@@ -731,10 +761,10 @@ def test_set_changes_a_running_link_and_apply_clears_it(pair, tmp_path):
 
 
 @pytest.mark.netns
-def test_delay_is_applied_or_refused_as_the_kernel_allows(pair, tmp_path):
+def test_delay_goes_to_netem_or_the_delay_line_as_the_kernel_allows(pair, tmp_path):
     state = tmp_path / "link.json"
     caps = probe_capabilities(pair.runner_a)
-    done = pair.shape("apply", "rate=10mbit", "delay=20ms", state=state, check=False)
+    done = pair.shape("apply", "rate=10mbit", "delay=20ms", "backend=netem", state=state, check=False)
     shown = json.loads(pair.shape("show", "--json", state=state).stdout)
     if caps.netem:
         assert done.returncode == 0, done.stderr
@@ -743,7 +773,81 @@ def test_delay_is_applied_or_refused_as_the_kernel_allows(pair, tmp_path):
         assert done.returncode == 3
         assert done.stderr.strip() == (
             "socklab: the link asks for delay 20ms (up) but this kernel has no netem qdisc (kernel module "
-            "sch_netem); rate-only links work here, and delay/jitter/loss need the userspace backend, which is "
-            "not available yet")
+            "sch_netem); backend auto or userspace can shape this link here")
         # Refused before anything was touched: still unshaped, and nothing recorded.
         assert shown["backend"] == "none" and shown["qdisc"]["ifb0"] == []
+        done = pair.shape("apply", "rate=10mbit", "delay=20ms", state=state)
+        assert "(backend userspace, applied" in done.stdout
+
+
+ECHO_SERVER = r"""
+import socket, sys
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(4)
+srv.settimeout(120)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := conn.recv(4096):
+        conn.sendall(data)
+    conn.close()
+"""
+
+PING_PONG = r"""
+import socket, statistics, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(int(sys.argv[3])):
+    start = time.monotonic()
+    s.sendall(b"x" * 64)
+    got = 0
+    while got < 64:
+        got += len(s.recv(64 - got))
+    rtts.append((time.monotonic() - start) * 1000)
+print(statistics.median(rtts))
+"""
+
+
+def _median_rtt_ms(pair: Pair, port: str, count: int = 20) -> float:
+    done = subprocess.run(["ip", "netns", "exec", pair.a, sys.executable, "-c", PING_PONG, pair.addr_b, port,
+                           str(count)], capture_output=True, text=True, timeout=60, check=True)
+    return float(done.stdout)
+
+
+@pytest.mark.netns
+def test_userspace_backend_delays_changes_and_goes_away(pair, tmp_path):
+    state = tmp_path / "link.json"
+    port = "5202"
+    server = subprocess.Popen(["ip", "netns", "exec", pair.b, sys.executable, "-c", ECHO_SERVER, pair.addr_b, port],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        done = pair.shape("apply", "up.delay=10ms", "down.delay=5ms", "backend=userspace", state=state)
+        assert done.stdout.startswith("link eth0: up delay 10ms, down delay 5ms (backend userspace, applied")
+        assert abs(_median_rtt_ms(pair, port) - 15) <= 1
+
+        done = pair.shape("set", "delay=20ms", state=state)
+        assert "changed in place" in done.stdout
+        assert abs(_median_rtt_ms(pair, port) - 40) <= 2
+
+        shown = json.loads(pair.shape("show", "--json", state=state).stdout)
+        assert shown["backend"] == "userspace"
+        line = shown["delay_line"]
+        assert line["running"] is True
+        for direction, method in (("up", "copy"), ("down", "verdict")):
+            counters = line[direction]
+            assert counters["method"] == method and counters["delay_ms"] == 20.0
+            assert counters["packets"] >= 20 and counters["delayed"] == counters["packets"] - counters["held"]
+            assert counters["lost"] == counters["overflow"] == counters["send_errors"] == 0
+
+        assert pair.shape("apply", state=state).stdout == "link eth0: unshaped (applied)\n"
+        assert "socklab-" not in pair.runner_a(["iptables", "-w", "-t", "mangle", "-S"])
+        assert pair.shape("delayline", "stats", state=state).stdout.strip() == "null"
+        assert _median_rtt_ms(pair, port) < 1
+    finally:
+        server.kill()
+        server.wait()

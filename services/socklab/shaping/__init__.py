@@ -1,12 +1,14 @@
 """Link shaping inside a lab container: model, tc plans, backends, executor, CLI.
 
 Commands are built by pure functions (``build_plan``, ``build_teardown``) and
-run in one place (``runner.run``), in the manner of Mininet's link.py.
+run in one place (``runner.run``), in the manner of Mininet's link.py. The
+userspace backend's delay line (``delayline``, over the netlink client in
+``nfqueue``) is one of those commands: a process that outlives the command.
 """
 
-from .backends import Backend, NetemBackend, build_plan, choose_backend, get_backend
+from .backends import Backend, NetemBackend, UserspaceBackend, build_plan, choose_backend, get_backend
 from .caps import Capabilities, probe_capabilities
-from .commands import apply_from_env, apply_spec, main, set_link, show_link, teardown
+from .commands import apply_from_env, apply_spec, main, set_link, show_link, stop_delay_line, teardown
 from .model import (
     LinkChanges,
     LinkShape,
@@ -21,9 +23,9 @@ from .runner import Runner, ShapingError, run
 from .show import qdisc_stats
 
 __all__ = [
-    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner",
+    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner", "UserspaceBackend",
     "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan", "build_teardown",
     "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
     "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "run", "set_link",
-    "show_link", "teardown",
+    "show_link", "stop_delay_line", "teardown",
 ]

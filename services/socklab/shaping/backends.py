@@ -1,9 +1,10 @@
 """Shaping backends: which kernel features a link needs, and the plan that uses them.
 
 A backend says whether it can shape a given link on a given kernel (one
-sentence when not) and builds the commands. Only ``netem`` exists now; a
-``userspace`` backend (rate with tbf, delay/jitter/loss by an NFQUEUE delay line)
-is meant to join BACKENDS and be tried after it.
+sentence when not) and builds the commands. ``netem`` does everything in the
+kernel; ``userspace`` keeps rate in the kernel (tbf) and does delay, jitter and
+loss with an NFQUEUE delay line (delayline.py), for kernels built without
+sch_netem. ``auto`` tries them in that order.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Protocol
 
 from ..errors import EngineError, UsageError
 from .caps import MODULES, Capabilities
-from .model import BACKEND_CHOICES, LinkSpec
+from .model import BACKEND_CHOICES, LinkShape, LinkSpec
 from . import plan as tcplan
 from .. import units
 
@@ -40,24 +41,15 @@ class NetemBackend:
     def supports(self, spec: LinkSpec, caps: Capabilities) -> str | None:
         """Checks per direction; the first missing feature is the answer."""
         for direction, shape in spec.directions():
-            if shape.rate_bps is not None and not caps.tbf:
-                return (
-                    f"the link asks for rate {units.format_rate(shape.rate_bps)} ({direction}) but this "
-                    f"kernel has no tbf qdisc (kernel module {MODULES['tbf']})"
-                )
+            problem = _rate_problem(direction, shape, caps)
+            if problem:
+                return problem
             if shape.needs_netem and not caps.netem:
                 return (
                     f"the link asks for {_and(shape.netem_wants())} ({direction}) but this kernel has "
                     f"no netem qdisc (kernel module {MODULES['netem']})"
                 )
-        if spec.down.shaped:
-            missing = caps.missing("ifb", "ingress", "u32", "mirred")
-            if missing:
-                return (
-                    f"the link shapes the down direction ({spec.down.describe()}), which needs an ifb device "
-                    f"fed by an ingress u32 filter with a mirred redirect, but this kernel lacks {_and(missing)}"
-                )
-        return None
+        return _ifb_problem(spec, caps) if spec.down.shaped else None
 
     def plan(self, spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
         """See plan.netem_tbf_plan."""
@@ -68,14 +60,60 @@ class NetemBackend:
         return tcplan.netem_tbf_change(old, new, dev, ifb)
 
 
+class UserspaceBackend:
+    """Rate with tbf (down via ifb), delay/jitter/loss by the NFQUEUE delay line."""
+
+    name = "userspace"
+
+    def supports(self, spec: LinkSpec, caps: Capabilities) -> str | None:
+        """Checks per direction; the first missing feature is the answer."""
+        for direction, shape in spec.directions():
+            problem = _rate_problem(direction, shape, caps)
+            if problem:
+                return problem
+            if shape.needs_netem and not caps.nfqueue:
+                return (
+                    f"the link asks for {_and(shape.netem_wants())} ({direction}), which the userspace backend "
+                    f"does with an NFQUEUE delay line, but this kernel lacks NFQUEUE (kernel modules "
+                    f"{MODULES['nfqueue']})"
+                )
+        # Down is delayed after the ingress hook, so only a down rate needs ifb.
+        return _ifb_problem(spec, caps) if spec.down.rate_bps is not None else None
+
+    def plan(self, spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
+        """See plan.userspace_plan."""
+        return tcplan.userspace_plan(spec, dev, ifb)
+
+    def plan_change(self, old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
+        """See plan.userspace_change."""
+        return tcplan.userspace_change(old, new, dev, ifb)
+
+
+def _rate_problem(direction: str, shape: LinkShape, caps: Capabilities) -> str | None:
+    if shape.rate_bps is not None and not caps.tbf:
+        return (
+            f"the link asks for rate {units.format_rate(shape.rate_bps)} ({direction}) but this "
+            f"kernel has no tbf qdisc (kernel module {MODULES['tbf']})"
+        )
+    return None
+
+
+def _ifb_problem(spec: LinkSpec, caps: Capabilities) -> str | None:
+    missing = caps.missing("ifb", "ingress", "u32", "mirred")
+    if missing:
+        return (
+            f"the link shapes the down direction ({spec.down.describe()}), which needs an ifb device "
+            f"fed by an ingress u32 filter with a mirred redirect, but this kernel lacks {_and(missing)}"
+        )
+    return None
+
+
 def _and(words: list[str]) -> str:
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
-# In order of preference for `auto`.
-BACKENDS: dict[str, Backend] = {"netem": NetemBackend()}
-# Named in the spec and accepted in config, but not built yet.
-PLANNED_BACKENDS = {"userspace": "the userspace backend (an NFQUEUE delay line)"}
+# In order of preference for `auto`: the kernel's netem when it has one.
+BACKENDS: dict[str, Backend] = {"netem": NetemBackend(), "userspace": UserspaceBackend()}
 
 
 def get_backend(name: str) -> Backend:
@@ -84,8 +122,6 @@ def get_backend(name: str) -> Backend:
         return next(iter(BACKENDS.values()))
     if name in BACKENDS:
         return BACKENDS[name]
-    if name in PLANNED_BACKENDS:
-        raise EngineError(f"{PLANNED_BACKENDS[name]} is not available yet; use backend auto or netem")
     raise UsageError(f"{name!r} is not a shaping backend: use {', '.join(BACKEND_CHOICES)}")
 
 
@@ -104,9 +140,14 @@ def choose_backend(requested: str, caps: Capabilities, spec: LinkSpec) -> Backen
             return backend
         problems.append(problem)
     sentence = problems[0]
-    if spec.needs_netem and not caps.netem:
-        hint = "rate-only links work here, and " if caps.tbf else ""
-        sentence += f"; {hint}delay/jitter/loss need the userspace backend, which is not available yet"
+    if requested == "auto":
+        for backend, problem in zip(candidates[1:], problems[1:]):
+            if problem != problems[0]:
+                sentence += f"; nor can the {backend.name} backend: {problem}"
+    else:
+        others = [b.name for b in BACKENDS.values() if b.name != requested and b.supports(spec, caps) is None]
+        if others:
+            sentence += f"; backend auto or {others[0]} can shape this link here"
     raise EngineError(sentence)
 
 

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from ..cli import ArgumentParser
 from ..errors import EngineError, UsageError
+from . import delayline
 from .backends import Backend, choose_backend, get_backend
 from .caps import Capabilities, probe_capabilities
 from .model import (
@@ -24,7 +25,15 @@ from .model import (
     changes_from_assignments,
     changes_from_env,
 )
-from .plan import NETEM_HANDLE, ROOT_HANDLE, build_teardown
+from .plan import (
+    CHAINS,
+    DELAYLINE_COMMAND,
+    IPTABLES_MANGLE,
+    NETEM_HANDLE,
+    ROOT_HANDLE,
+    build_teardown,
+    delay_line_teardown,
+)
 from .runner import Runner, ShapingError, run
 from .show import link_names, qdisc_stats
 
@@ -34,6 +43,9 @@ DEFAULT_IFB = "ifb0"
 # `docker exec ... shape set` or `shape show` knows what `apply` did.
 DEFAULT_STATE_PATH = "/run/socklab/link.json"
 UNSHAPED = "none"
+# Next to the state file: what the delay line, which has no terminal, has to say.
+DELAYLINE_LOG = "delayline.log"
+STOP_DELAYLINE = [*DELAYLINE_COMMAND, "stop"]
 
 log = logging.getLogger("socklab.shaping")
 
@@ -81,12 +93,15 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
     reported.
     """
     failures = []
+    left = []
     for argv in build_teardown(dev, ifb):
         try:
             runner(argv)
         except ShapingError as exc:
             failures.append(exc)
-    left = []
+            if argv == STOP_DELAYLINE:
+                # It says "not running" with success, so a failure means it is still there.
+                left.append("the delay line")
     for qdisc in qdisc_stats(runner, dev):
         if qdisc["parent"] == "root" and qdisc["handle"] in (ROOT_HANDLE, NETEM_HANDLE):
             left.append(f"the {qdisc['kind']} qdisc at the root of {dev}")
@@ -94,9 +109,21 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
             left.append(f"the ingress qdisc of {dev}")
     if ifb in link_names(runner):
         left.append(f"the device {ifb}")
+    left += [f"the iptables chain {chain}" for chain in _delay_line_chains(runner)]
     if left:
         cause = f": {failures[0]}" if failures else ""
         raise EngineError(f"could not remove the old shaping ({', '.join(left)} remained){cause}")
+
+
+def _delay_line_chains(runner: Runner) -> list[str]:
+    """Which of the delay line's iptables chains exist."""
+    try:
+        listing = runner([*IPTABLES_MANGLE, "-S"])
+    except ShapingError:
+        # No iptables (or no mangle table) here: then no chain of ours can exist.
+        return []
+    defined = {line.split()[1] for line in listing.splitlines() if line.startswith("-N ")}
+    return [chain for chain in CHAINS.values() if chain in defined]
 
 
 def _summary(dev: str, spec: LinkSpec, backend: str, commands: list[list[str]], method: str) -> str:
@@ -145,7 +172,7 @@ def apply_spec(
     except ShapingError:
         teardown(runner, dev, ifb)
         raise
-    return _record(Path(state_path), spec, backend_name, dev, ifb, caps, commands, method)
+    return _record(Path(state_path), spec, backend_name, dev, ifb, caps, commands, method, requested_backend)
 
 
 def _record(
@@ -157,8 +184,14 @@ def _record(
     caps: Capabilities | None,
     commands: list[list[str]],
     method: str,
+    requested: str = "auto",
 ) -> dict[str, Any]:
-    """Write the state file; return {backend, dev, ifb, applied, commands, method, summary}."""
+    """Write the state file; return {backend, dev, ifb, applied, commands, method, summary}.
+
+    The state also keeps the backend that was asked for, so that a later
+    ``set`` chooses again the same way (an 'auto' link that gains a delay may
+    need another backend than its rate alone did).
+    """
     result = {
         "backend": backend,
         "dev": dev,
@@ -170,7 +203,7 @@ def _record(
     }
     # Capabilities do not change during a container's life: `set` reuses them
     # instead of probing again in the middle of a running case.
-    write_state(path, {**result, "caps": caps.to_dict() if caps else None})
+    write_state(path, {**result, "requested": requested, "caps": caps.to_dict() if caps else None})
     return result
 
 
@@ -199,29 +232,30 @@ def set_link(
     dev = _check_ifname(dev or state.get("dev") or DEFAULT_DEV, "device")
     ifb = _check_ifname(ifb or state.get("ifb") or DEFAULT_IFB, "ifb device")
     old_backend = state.get("backend", UNSHAPED)
-    requested = requested_backend or (old_backend if old_backend != UNSHAPED else "auto")
+    requested = requested_backend or state.get("requested") or (old_backend if old_backend != UNSHAPED else "auto")
     new = changes.resolve(current)
     caps = Capabilities.from_dict(state["caps"]) if state.get("caps") else None
 
     if not new.shaped:
         if not current.shaped and state:
-            return _record(path, new, UNSHAPED, dev, ifb, caps, [], "unchanged")
+            return _record(path, new, UNSHAPED, dev, ifb, caps, [], "unchanged", requested)
         teardown(runner, dev, ifb)
-        return _record(path, new, UNSHAPED, dev, ifb, caps, [], "removed")
+        return _record(path, new, UNSHAPED, dev, ifb, caps, [], "removed", requested)
 
     caps = caps or probe_capabilities(runner)
     backend: Backend = choose_backend(requested, caps, new)
     if new == current and backend.name == old_backend:
-        return _record(path, new, backend.name, dev, ifb, caps, [], "unchanged")
+        return _record(path, new, backend.name, dev, ifb, caps, [], "unchanged", requested)
     if current.shaped and backend.name == old_backend:
         in_place = backend.plan_change(current, new, dev, ifb)
         if in_place is not None:
             try:
                 _run_all(runner, in_place)
-                return _record(path, new, backend.name, dev, ifb, caps, in_place, "changed in place")
+                return _record(path, new, backend.name, dev, ifb, caps, in_place, "changed in place", requested)
             except ShapingError as exc:
                 log.debug("in-place change failed (%s); rebuilding the link", exc)
-    return apply_spec(new, backend.name, runner=runner, dev=dev, ifb=ifb, state_path=path, caps=caps, method="rebuilt")
+    # The same request on the same capabilities chooses the same backend again.
+    return apply_spec(new, requested, runner=runner, dev=dev, ifb=ifb, state_path=path, caps=caps, method="rebuilt")
 
 
 def show_link(
@@ -230,22 +264,59 @@ def show_link(
     dev: str | None = None,
     ifb: str | None = None,
     state_path: Path | str = DEFAULT_STATE_PATH,
+    delay_line: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """{"backend", "applied": {"up", "down"}, "qdisc": {dev: [...], ifb: [...]}}.
+    """{"backend", "applied": {"up", "down"}, "qdisc": {dev: [...], ifb: [...]}, "delay_line"}.
 
     ``applied`` is what the last apply/set asked for (from the state file);
-    ``qdisc`` is what the kernel has now, with counters.
+    ``qdisc`` is what the kernel has now, with counters. ``delay_line`` is null
+    unless the userspace backend runs one: then its counters per direction
+    (``delay_line`` given: those, e.g. the final ones ``stop_delay_line`` returned),
+    or {"running": false, "error": ...} when it cannot be reached.
     """
     state = read_state(Path(state_path)) or {}
     dev = _check_ifname(dev or state.get("dev") or DEFAULT_DEV, "device")
     ifb = _check_ifname(ifb or state.get("ifb") or DEFAULT_IFB, "ifb device")
     qdiscs = {dev: qdisc_stats(runner, dev)}
     qdiscs[ifb] = qdisc_stats(runner, ifb) if ifb in link_names(runner) else []
+    if delay_line is None and _runs_delay_line(state):
+        delay_line = _delay_line_stats(runner)
     return {
         "backend": state.get("backend", UNSHAPED),
         "applied": LinkSpec.from_dict(state.get("applied") or {}).to_dict(),
         "qdisc": qdiscs,
+        "delay_line": dict(delay_line) if delay_line is not None else None,
     }
+
+
+def _runs_delay_line(state: Mapping[str, Any]) -> bool:
+    return state.get("backend") == "userspace" and LinkSpec.from_dict(state.get("applied") or {}).needs_netem
+
+
+def _delay_line_stats(runner: Runner) -> dict[str, Any]:
+    try:
+        answer = json.loads(runner([*DELAYLINE_COMMAND, "stats"]))
+    except (ShapingError, ValueError) as exc:
+        return {"running": False, "error": str(exc)}
+    return answer if answer is not None else {"running": False, "error": "the delay line is not running"}
+
+
+def stop_delay_line(runner: Runner = run, *, state_path: Path | str = DEFAULT_STATE_PATH) -> dict[str, Any] | None:
+    """Unhook and stop the delay line of a userspace link; its final counters, or None if none ran.
+
+    For the end of a container's life: the rules go first, then the delay line
+    lets what it holds go on time and exits. The qdiscs stay, with their counters.
+    """
+    state = read_state(Path(state_path)) or {}
+    if not _runs_delay_line(state):
+        return None
+    *unhook, stop = delay_line_teardown(_check_ifname(state.get("dev") or DEFAULT_DEV, "device"))
+    for argv in unhook:
+        try:
+            runner(argv)
+        except ShapingError as exc:  # a rule already gone is what was wanted
+            log.debug("unhooking the delay line: %s", exc)
+    return json.loads(runner(stop))
 
 
 def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str, Any]:
@@ -279,8 +350,9 @@ def _parser() -> ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log every command to stderr")
 
     parser = ArgumentParser(prog="socklab shape", description="Shape this container's link with tc.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{apply,set,show,caps,plan}")
-    keys_help = "rate=10mbit delay=20ms jitter=5ms loss=0.1%% limit=1000, up.KEY=.. down.KEY=.., backend=auto|netem"
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{apply,set,show,caps,plan,delayline}")
+    keys_help = ("rate=10mbit delay=20ms jitter=5ms loss=0.1%% limit=1000, up.KEY=.. down.KEY=.., "
+                 "backend=auto|netem|userspace")
 
     apply = sub.add_parser("apply", parents=[common], help="shape the link from scratch")
     apply.add_argument("--from-env", action="store_true", help="start from the SOCKLAB_LINK_* variables")
@@ -299,7 +371,34 @@ def _parser() -> ArgumentParser:
     plan.add_argument("--from-env", action="store_true", help="start from the SOCKLAB_LINK_* variables")
     plan.add_argument("--json", action="store_true")
     plan.add_argument("assignments", nargs="*", metavar="KEY=VALUE", help=keys_help)
+
+    line = sub.add_parser("delayline", parents=[common],
+                          help="the userspace backend's delay line (apply and set run this for you)")
+    line.add_argument("action", choices=["start", "set", "stats", "stop"])
+    config_help = "delay_ms=N,jitter_ms=N,loss_pct=N,limit_pkts=N"
+    line.add_argument("--up", metavar="CONFIG", help=f"the up direction's work: {config_help}")
+    line.add_argument("--down", metavar="CONFIG", help=f"the down direction's work: {config_help}")
     return parser
+
+
+def _delay_line_command(args: Any, state_path: Path) -> None:
+    """`shape delayline ACTION`: what the userspace plans run; prints JSON (or a line for start)."""
+    configs = {d: delayline.LineConfig.from_word(w) for d, w in (("up", args.up), ("down", args.down)) if w}
+    if args.action in ("start", "set") and not configs:
+        raise UsageError(f"shape delayline {args.action} needs --up or --down")
+    if args.action == "start":
+        pid = delayline.start(configs, state_path.with_name(DELAYLINE_LOG))
+        work = ", ".join(f"{d} {c.to_word()}" for d, c in configs.items())
+        print(f"delay line running (pid {pid}): {work}")
+    elif args.action == "set":
+        answer = delayline.ask({"op": "set", "lines": {d: vars(c) for d, c in configs.items()}})
+        if answer is None:
+            raise EngineError("no delay line is running in this container to change")
+        print(json.dumps(answer))
+    elif args.action == "stats":
+        print(json.dumps(delayline.ask({"op": "stats"})))
+    else:
+        print(json.dumps(delayline.stop()))
 
 
 def _wanted(args: Any, environ: Mapping[str, str]) -> tuple[LinkSpec, str, str, str]:
@@ -353,6 +452,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: 
             print(json.dumps(shown))
         else:
             _print_qdiscs(shown)
+    elif args.command == "delayline":
+        _delay_line_command(args, state_path)
     elif args.command == "caps":
         found = probe_capabilities(runner)
         print(json.dumps(found.to_dict()) if args.json else found.describe())

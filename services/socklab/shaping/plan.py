@@ -1,4 +1,4 @@
-"""Pure builders of the tc / ip commands that shape a link (no side effects).
+"""Pure builders of the tc / ip / iptables commands that shape a link (no side effects).
 
 Layout, per shaped direction (up on the container's device, down on the ifb
 device that the ingress redirect feeds):
@@ -17,6 +17,11 @@ no child, so its limit means the same on every kernel; this is also the order
 Mininet's link.py uses. Packets are delayed first and rate-limited as they leave
 the delay line; for a FIFO link a constant delay before or after the bottleneck
 gives the same departure times.
+
+The userspace backend keeps the same tbf layout for rate and replaces netem by
+the delay line (see delayline.py): iptables rules in the mangle table send the
+link's packets to it, up from POSTROUTING and down from PREROUTING, each
+direction through a chain of its own so that teardown removes exactly them.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from __future__ import annotations
 import math
 
 from .. import units
-from .model import LinkShape, LinkSpec, format_percent
+from .delayline import DEFAULT_LIMIT_PKTS, QUEUES, RESEND_MARK, LineConfig
+from .model import DIRECTIONS, LinkShape, LinkSpec, format_percent
 
 # Bytes tc charges for a full-size packet: 1500 B MTU plus the 14 B Ethernet
 # header (qdiscs see frames without the FCS). Used to turn packet counts into
@@ -146,24 +152,25 @@ def ingress_redirect(dev: str, ifb: str) -> list[list[str]]:
     ]
 
 
-def netem_tbf_plan(spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
-    """The whole plan for a fresh device: up on ``dev``, down via ``ifb``."""
-    round_trip_s = spec.round_trip_ms() / 1000
-    commands = direction_qdiscs(spec.up, dev, round_trip_s)
-    if spec.down.shaped:
+def qdisc_plan(up: LinkShape, down: LinkShape, dev: str, ifb: str, round_trip_s: float) -> list[list[str]]:
+    """The qdiscs for a fresh device: ``up`` on ``dev``, ``down`` via ``ifb``."""
+    commands = direction_qdiscs(up, dev, round_trip_s)
+    if down.shaped:
         commands += [
             ["ip", "link", "add", ifb, "type", "ifb"],
             ["ip", "link", "set", "dev", ifb, "up"],
             # ifb's qdiscs go in before the redirect, so no packet crosses ifb
             # unshaped while the plan is half done.
-            *direction_qdiscs(spec.down, ifb, round_trip_s),
+            *direction_qdiscs(down, ifb, round_trip_s),
             *ingress_redirect(dev, ifb),
         ]
     return commands
 
 
-def netem_tbf_change(old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
-    """``tc qdisc change`` commands turning ``old`` into ``new`` in place, or None.
+def qdisc_change(
+    old: tuple[LinkShape, LinkShape], new: tuple[LinkShape, LinkShape], dev: str, ifb: str, round_trip_s: float,
+) -> list[list[str]] | None:
+    """``tc qdisc change`` commands turning (up, down) ``old`` into ``new`` in place, or None.
 
     In place is possible when both plans have the same commands apart from the
     qdiscs' parameters (same qdisc kinds at the same handles, same redirect):
@@ -171,12 +178,136 @@ def netem_tbf_change(old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[l
     would drop the queues and leave a moment unshaped. tbf's change leaves a
     netem child alone (it only resizes FIFO children).
     """
-    old_plan, new_plan = netem_tbf_plan(old, dev, ifb), netem_tbf_plan(new, dev, ifb)
+    old_plan = qdisc_plan(*old, dev, ifb, round_trip_s)
+    new_plan = qdisc_plan(*new, dev, ifb, round_trip_s)
     if [_layout(c) for c in old_plan] != [_layout(c) for c in new_plan]:
         return None
-    round_trip_s = new.round_trip_ms() / 1000
-    commands = direction_qdiscs(new.up, dev, round_trip_s, verb="change")
-    commands += direction_qdiscs(new.down, ifb, round_trip_s, verb="change")
+    up, down = new
+    return direction_qdiscs(up, dev, round_trip_s, verb="change") + direction_qdiscs(down, ifb, round_trip_s, verb="change")
+
+
+def netem_tbf_plan(spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
+    """The whole netem plan for a fresh device: up on ``dev``, down via ``ifb``."""
+    return qdisc_plan(spec.up, spec.down, dev, ifb, spec.round_trip_ms() / 1000)
+
+
+def netem_tbf_change(old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
+    """The netem plan's in-place change (see ``qdisc_change``), or None."""
+    return qdisc_change((old.up, old.down), (new.up, new.down), dev, ifb, new.round_trip_ms() / 1000)
+
+
+# --- the userspace backend ------------------------------------------------------
+
+# How the container (or `ip netns exec`) runs the delay line's commands: the
+# image's interpreter on PATH, with the package on its PYTHONPATH.
+DELAYLINE_COMMAND = ["python3", "-m", "socklab", "shape", "delayline"]
+IPTABLES_MANGLE = ["iptables", "-w", "-t", "mangle"]
+CHAINS = {"up": "socklab-up", "down": "socklab-down"}
+# Per direction, the built-in chain that feeds it and how it names the device.
+_HOOKS = {"up": ("POSTROUTING", "-o"), "down": ("PREROUTING", "-i")}
+
+
+def rate_only(shape: LinkShape) -> LinkShape:
+    """What of ``shape`` stays in the kernel under the userspace backend: rate and its queue."""
+    if shape.rate_bps is None:
+        return LinkShape()
+    return LinkShape(rate_bps=shape.rate_bps, limit_pkts=shape.limit_pkts)
+
+
+def line_configs(spec: LinkSpec) -> dict[str, LineConfig]:
+    """The delay line's work per direction that asks for delay, jitter or loss.
+
+    Its queue is what netem's limit would be for the same link (the bottleneck
+    queue plus twice the bandwidth-delay product, or the user's limit, or
+    netem's default of 1000 packets without a rate), so a config means the same
+    under either backend.
+    """
+    round_trip_s = spec.round_trip_ms() / 1000
+    return {
+        direction: LineConfig(
+            delay_ms=float(shape.delay_ms), jitter_ms=float(shape.jitter_ms), loss_pct=float(shape.loss_pct),
+            limit_pkts=netem_limit_pkts(shape, round_trip_s) or DEFAULT_LIMIT_PKTS,
+        )
+        for direction, shape in spec.directions()
+        if shape.needs_netem
+    }
+
+
+def delayline_command(verb: str, configs: dict[str, LineConfig]) -> list[str]:
+    """``python3 -m socklab shape delayline start|set --up WORD --down WORD``."""
+    argv = [*DELAYLINE_COMMAND, verb]
+    for direction in DIRECTIONS:
+        if direction in configs:
+            argv += [f"--{direction}", configs[direction].to_word()]
+    return argv
+
+
+def delay_line_rules(directions: list[str] | dict[str, LineConfig], dev: str) -> list[list[str]]:
+    """iptables commands that send ``dev``'s packets of ``directions`` to the delay line.
+
+    Only ``dev``'s traffic, never loopback. Each chain is complete before the
+    built-in chain jumps to it, so no packet meets half a rule set. The up
+    chain first lets the delay line's own copies pass (they carry its mark).
+    """
+    commands = []
+    for direction in DIRECTIONS:
+        if direction not in directions:
+            continue
+        chain = CHAINS[direction]
+        hook, dev_option = _HOOKS[direction]
+        commands.append([*IPTABLES_MANGLE, "-N", chain])
+        if direction == "up":
+            commands.append([*IPTABLES_MANGLE, "-A", chain, "-m", "mark", "--mark", hex(RESEND_MARK), "-j", "RETURN"])
+        commands += [
+            [*IPTABLES_MANGLE, "-A", chain, "-j", "NFQUEUE", "--queue-num", str(QUEUES[direction])],
+            [*IPTABLES_MANGLE, "-A", hook, dev_option, dev, "-j", chain],
+        ]
+    return commands
+
+
+def delay_line_teardown(dev: str) -> list[list[str]]:
+    """Unhook, flush and delete both chains, then stop the delay line (each may fail harmlessly).
+
+    Rules go first: a rule whose queue has no listener would drop the link's packets.
+    """
+    commands = []
+    for direction in DIRECTIONS:
+        chain = CHAINS[direction]
+        hook, dev_option = _HOOKS[direction]
+        commands += [
+            [*IPTABLES_MANGLE, "-D", hook, dev_option, dev, "-j", chain],
+            [*IPTABLES_MANGLE, "-F", chain],
+            [*IPTABLES_MANGLE, "-X", chain],
+        ]
+    return [*commands, [*DELAYLINE_COMMAND, "stop"]]
+
+
+def userspace_plan(spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
+    """tbf for rate as in the netem plan, then the delay line, then the rules that feed it."""
+    round_trip_s = spec.round_trip_ms() / 1000
+    commands = qdisc_plan(rate_only(spec.up), rate_only(spec.down), dev, ifb, round_trip_s)
+    configs = line_configs(spec)
+    if configs:
+        commands.append(delayline_command("start", configs))
+        commands += delay_line_rules(configs, dev)
+    return commands
+
+
+def userspace_change(old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
+    """Retune tbf in place and tell the running delay line its new values; None to rebuild.
+
+    A rebuild is needed when the qdisc layout changes or a direction joins or
+    leaves the delay line (its queues and rules are fixed at start).
+    """
+    old_lines, new_lines = line_configs(old), line_configs(new)
+    if set(old_lines) != set(new_lines):
+        return None
+    commands = qdisc_change((rate_only(old.up), rate_only(old.down)), (rate_only(new.up), rate_only(new.down)),
+                            dev, ifb, new.round_trip_ms() / 1000)
+    if commands is None:
+        return None
+    if new_lines != old_lines:
+        commands.append(delayline_command("set", new_lines))
     return commands
 
 
@@ -190,12 +321,13 @@ def _layout(command: list[str]) -> tuple[str, ...]:
 
 
 def build_teardown(dev: str = "eth0", ifb: str = "ifb0") -> list[list[str]]:
-    """Commands that remove everything a plan can have added.
+    """Commands that remove everything a plan of either backend can have added.
 
     Each may fail harmlessly when its part was never added; the caller decides
     what counts as done by looking at what is left.
     """
     return [
+        *delay_line_teardown(dev),
         ["tc", "qdisc", "del", "dev", dev, "root"],
         ["tc", "qdisc", "del", "dev", dev, "ingress"],
         ["ip", "link", "del", "dev", ifb],
