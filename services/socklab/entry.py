@@ -9,9 +9,11 @@ sentence and a non-zero status: it never runs unshaped silently.
 
 The workload runs in a child process as the ``socklab`` user, so the program
 under study has no privileges. This process stays as a small root supervisor:
-it forwards signals to the workload and, once the workload has ended, prints a
-``link`` result line with the qdisc counters — the interfaces vanish with the
-container, so afterwards nobody could read them.
+it forwards signals to the workload and, once the workload has ended, stops the
+userspace backend's delay line (if the link has one: a root process started
+with the shaping, before the workload) and prints a ``link`` result line with
+the qdisc and delay-line counters — the interfaces vanish with the container,
+so afterwards nobody could read them.
 """
 
 from __future__ import annotations
@@ -81,12 +83,27 @@ def supervise(command: list[str]) -> int:
     return code if code >= 0 else 128 - code
 
 
-def report_link() -> None:
-    """Print the link as applied, with its qdisc counters, as a ``link`` result line."""
+def stop_delay_line() -> dict | None:
+    """Stop the link's delay line, if it has one; its final counters, or None."""
     from . import shaping
 
     try:
-        shown = shaping.show_link(shaping.run)
+        return shaping.stop_delay_line(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
+    except (SocklabError, OSError, ValueError) as exc:  # the workload's result matters more than this
+        print(f"socklab: could not stop the delay line: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def report_link(delay_line: dict | None = None) -> None:
+    """Print the link as applied, with its counters, as a ``link`` result line.
+
+    ``delay_line``: the delay line's final counters, when it was stopped first.
+    """
+    from . import shaping
+
+    try:
+        shown = shaping.show_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ),
+                                  delay_line=delay_line)
     except (SocklabError, OSError) as exc:  # the workload's result matters more than this
         print(f"socklab: could not read the link's counters: {exc}", file=sys.stderr, flush=True)
         return
@@ -117,6 +134,7 @@ def main(argv: list[str]) -> int:
     if result_dir:
         prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
     code = supervise(command)
+    final = stop_delay_line()
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
-        report_link()
+        report_link(final)
     return code
