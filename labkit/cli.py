@@ -282,9 +282,12 @@ def cmd_doctor(args) -> int:
         problems.append("this kernel lacks tbf, ifb or mirred, which every link with a rate needs")
     if q.get("netem"):
         _say("shaping backend: netem (rate by tbf; delay, jitter and loss by sch_netem)")
+    elif caps.get("nfqueue"):
+        _say("shaping backend: userspace (rate by tbf; delay, jitter and loss by a delay line fed through "
+             "NFQUEUE, since this kernel has no sch_netem)")
     else:
-        _say("shaping backend: netem for rate only (tbf): this kernel has no sch_netem, so links "
-             "asking for delay, jitter or loss cannot be shaped here")
+        _say("shaping backend: netem for rate only (tbf): this kernel has neither sch_netem nor NFQUEUE, so "
+             "links asking for delay, jitter or loss cannot be shaped here")
     for problem in problems:
         _say(f"problem:         {problem}")
     return 3 if problems else 0

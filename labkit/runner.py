@@ -134,7 +134,8 @@ class CaseRunner:
         for container in servers:
             self.api.kill(container, "SIGTERM")
             self.api.wait(container, SERVER_STOP_S)
-        link = {"backend": None, "applied": {}, "qdisc": {}}
+        # delay_line: the userspace backend's counters per container (null under netem).
+        link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}}
         clients = []
         status, error = outcome.status, outcome.error
         for container in containers:
@@ -150,6 +151,7 @@ class CaseRunner:
                     link["backend"] = shown["backend"]
                 link["applied"].setdefault(group, shown.get("applied"))
                 link["qdisc"][key] = shown.get("qdisc")
+                link["delay_line"][key] = shown.get("delay_line")
             if group == "server":
                 server_result = by_role.get("server")
                 continue
