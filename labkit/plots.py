@@ -408,6 +408,17 @@ def zoom_window_s(timelines: Sequence[SendTimeline]) -> float | None:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= wanted_s)
 
 
+def zoom_top_bytes(timelines: Sequence[SendTimeline], window_s: float) -> int:
+    """The zoom's byte range: room for what the early finishers accepted.
+
+    Lines still climbing may leave the zoom at its top; the main axis shows
+    them whole, and fitting them would flatten the short lines the zoom is for.
+    """
+    early = [level_at_s(tl, window_s) for tl in timelines if tl.steps_s[-1] <= window_s]
+    top = max(early, default=0) * 2.5
+    return int(top) or max((level_at_s(tl, window_s) for tl in timelines), default=0) or 1
+
+
 def level_at_s(timeline: SendTimeline, t_s: float) -> int:
     """Bytes the timeline's sends had accepted by ``t_s``."""
     i = bisect.bisect_right(timeline.steps_s, t_s)
@@ -422,7 +433,7 @@ def _draw_timelines(ax, lines: Sequence[TimelineLine], divisor: float, time_scal
         colour, tl = mode_colour(line.mode), line.timeline
         # Earlier lines drawn wider, so that one hidden under a later line
         # that took the same path still shows as its outline.
-        width = 1.5 + 1.2 * (len(lines) - 1 - k)
+        width = 1.5 + 0.7 * (len(lines) - 1 - k)
         # Thick translucent bars under the line: where the time went.
         ax.add_collection(LineCollection(
             [((s * time_scale, lvl / divisor), (e * time_scale, lvl / divisor)) for s, e, lvl in tl.calls],
@@ -489,10 +500,10 @@ def draw_send_timeline(panels: Mapping[str, Sequence[TimelineLine]], runs: Seque
                 continue
             ax.axvspan(0, window_s, color="#BBBBBB", alpha=0.35, lw=0, zorder=1)
             zoom = fig.add_subplot(grid[i, 1])
-            zoom_top = max(level_at_s(line.timeline, window_s) for line in lines)
+            zoom_top = zoom_top_bytes([line.timeline for line in lines], window_s)
             zoom_divisor, zoom_unit = _bytes_unit(zoom_top)
             _draw_timelines(zoom, lines, zoom_divisor, 1000.0, with_labels=False)
-            zoom_top = max(zoom_top / zoom_divisor, 1e-9) * 1.12
+            zoom_top /= zoom_divisor
             zoom.set_xlim(0, window_s * 1000)
             zoom.set_ylim(-0.04 * zoom_top, zoom_top)
             zoom.set_title(f"the first {_si(window_s * 1000)} ms (shaded at left)")
@@ -681,7 +692,9 @@ def draw_send_queue(panels: Mapping[str, Sequence[QueueLine]], runs: Sequence[Pl
                         smoothed = True
                         ax.plot(times, scaled, color=colour, lw=0.7, alpha=0.3, zorder=2)
                         scaled = moving_mean(scaled, QUEUE_MEAN_SAMPLES)
-                    ax.plot(times, scaled, color=colour, ls=ls, lw=1.6, label=label, zorder=3)
+                    # A client that finished within a few samples would draw no visible line.
+                    ax.plot(times, scaled, color=colour, ls=ls, lw=1.6, label=label, zorder=3,
+                            marker="o" if len(times) < 5 else None, ms=4)
                     label = None
             ax.set_xlim(left=0)
             ax.set_ylim(bottom=0, top=max(largest / divisor, 1e-9) * (1.12 + 0.085 * len(panels[title])))
@@ -716,15 +729,20 @@ class BarPanel:
 
 def draw_bars(panels: Sequence[BarPanel], rows: Sequence[str], runs: Sequence[PlotRun], title: str,
               path: Path, *, legend_suffix: Mapping[str, str] | None = None) -> None:
-    """Panels side by side, a row per case, a bar per run: mean, 95 % CI, each repetition."""
+    """Panels three to a row, a row per case, a bar per run: mean, 95 % CI, each repetition."""
     n_runs = max(len(runs), 1)
     height = 0.8 / n_runs
     index = {row: i for i, row in enumerate(rows)}
     row_h_in = 0.42 + 0.22 * (n_runs - 1)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(_WIDTH_IN, max(2.6, row_h_in * len(rows) + 1.5)), dpi=DPI, layout="constrained")
+        fig = Figure(figsize=(_WIDTH_IN, nrows * max(2.0, row_h_in * len(rows) + 1.1) + 0.5), dpi=DPI,
+                     layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+        axes = [ax for line in fig.subplots(nrows, ncols, squeeze=False, sharey=True) for ax in line]
+        for ax in axes[len(panels):]:
+            ax.set_visible(False)
         modes: list[str] = []
         for ax, panel in zip(axes, panels):
             tops = [max([b.mean or 0, b.ci95_high or 0, *b.values]) for b in panel.bars]

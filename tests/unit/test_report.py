@@ -261,6 +261,9 @@ def test_zoom_and_smoothing_helpers():
         return plots.SendTimeline((0.0, end_s), (0, 1), (), (), 1, 0, 1, end_s)
     assert plots.zoom_window_s([line(10.0), line(0.003)]) == 0.005
     assert plots.zoom_window_s([line(10.0), line(2.0)]) is None
+    early = plots.SendTimeline((0.0, 0.001, 0.001, 0.002), (0, 0, 400, 400), (), (), 1, 0, 400, 0.001)
+    # Room for the early finisher, not for the line still climbing past it.
+    assert plots.zoom_top_bytes([early, line(10.0)], 0.005) == 1000
     assert plots.moving_mean([1, 2, 3, 4, 5, 6], 3) == [1.5, 2, 3, 4, 5, 5.5]
 
 
