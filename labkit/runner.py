@@ -93,10 +93,15 @@ class CaseRunner:
         project.compose("up", "-d", "--no-build", "--no-deps", *services, timeout_s=120)
         clients = [c for c in self.api.containers(project.name) if c.service in services]
         steps = sorted(experiment.schedule, key=lambda s: s.at_s)
+        if steps:
+            # A change must not race the entrypoint's own shaping, and `at` counts
+            # from when the workload starts, which is once the links are in place.
+            self._wait_shaped(clients, deadline)
+        workload_started = time.monotonic()
         self.progress(f"running {len(clients)} client container(s)")
         while True:
             now = time.monotonic()
-            while steps and now - started >= steps[0].at_s:
+            while steps and now - workload_started >= steps[0].at_s:
                 self._apply_step(project, steps.pop(0))
             running = [c for c in clients if self.api.state(c).get("Running")]
             if not running:
@@ -114,6 +119,15 @@ class CaseRunner:
                                       f"{self.api.state(first).get('ExitCode')}: "
                                       f"{_last_line(self.api.logs(first))}")
         return _Outcome("ok", None)
+
+    def _wait_shaped(self, containers: list[LabContainer], deadline: float) -> None:
+        """Wait until every running container's entrypoint has applied its link."""
+        pending = list(containers)
+        while pending and time.monotonic() < deadline:
+            pending = [c for c in pending if self.api.state(c).get("Running")
+                       and self.api.exec(c, ["test", "-e", scenario.LINK_STATE_PATH])[0] != 0]
+            if pending:
+                time.sleep(POLL_S / 4)
 
     def _apply_step(self, project: ComposeProject, step) -> None:
         group = step.group

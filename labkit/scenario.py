@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from socklab import shaping, units
+from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
 from .compose import COMPOSE_FILE, LAB_LABEL
@@ -20,6 +21,8 @@ SERVER_PORT = 5000
 # Where each client writes its trace inside its container; copied out at the end.
 TRACE_PATH = "/tmp/socklab-trace.gz"
 CASE_LABEL = "io.socklab.case"
+# Written by the container's entrypoint once its link is shaped.
+LINK_STATE_PATH = DEFAULT_STATE_PATH
 # Long enough for any case's slowest peer; short enough that a vanished peer is
 # noticed within a case (the server never hangs on it).
 SERVER_IDLE_TIMEOUT = "60s"

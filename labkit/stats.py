@@ -41,7 +41,7 @@ CASE_FIELDS = ("wall_s",)
 SERVER_FIELDS = ("connections", "bytes_received", "bytes_sent", "cpu_s", "max_concurrent",
                  "threads_max", "peak_rss_kib", "idle_timeouts", "wall_s")
 CLIENT_FIELDS = (
-    "bytes_requested", "bytes_accepted", "bytes_delivered", "send_calls", "eagain",
+    "connections", "bytes_requested", "bytes_accepted", "bytes_delivered", "send_calls", "eagain",
     "timeouts", "send_s", "blocked_s", "wall_s", "cpu_s", "goodput_bps", "connect_s",
     "tcp.rtt_ms", "tcp.retrans", "tcp.snd_cwnd", "sndbuf_bytes", "rcvbuf_bytes",
 )
@@ -50,7 +50,7 @@ CLIENT_FIELDS = (
 CLIENT_OPEN_OBJECTS = ("latency_ms",)
 # Fields that identify a record rather than measure anything.
 _IDENTITY_FIELDS = frozenset({"replica"})
-_TOTALLED_FIELDS = frozenset({"send_calls", "eagain", "timeouts", "retrans"})
+_TOTALLED_FIELDS = frozenset({"connections", "send_calls", "eagain", "timeouts", "retrans"})
 
 
 @dataclass(frozen=True)
