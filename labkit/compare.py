@@ -103,7 +103,10 @@ def _number(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def _mean_ci(row: Mapping[str, str] | None, name: str, scale: float) -> tuple[float, float | None, float | None] | None:
+MeanCI = tuple[float, float | None, float | None]
+
+
+def _mean_ci(row: Mapping[str, str] | None, name: str, scale: float) -> MeanCI | None:
     if row is None or row.get(f"{name}.mean", "") == "":
         return None
     low, high = row.get(f"{name}.ci95_low", ""), row.get(f"{name}.ci95_high", "")

@@ -31,7 +31,6 @@ from matplotlib.patches import Patch
 from socklab.trace import read_trace
 
 from . import stats
-from .config import CLIENT_MODES, SERVER_MODES
 from .matrix import Case, format_value
 from .rundir import trace_name
 
@@ -402,7 +401,7 @@ def zoom_window_s(timelines: Sequence[SendTimeline]) -> float | None:
     early = [tl.steps_s[-1] for tl in timelines if tl.steps_s[-1] < 0.05 * span_s]
     if not early:
         return None
-    wanted_s = max(early) * 1.3
+    wanted_s = max(max(early) * 1.3, 1e-6)
     # A round window (1, 2 or 5 times a power of ten) reads better on the axis.
     power = 10.0 ** math.floor(math.log10(wanted_s))
     return next(m * power for m in (1, 2, 5, 10) if m * power >= wanted_s)
@@ -728,7 +727,7 @@ class BarPanel:
 
 
 def draw_bars(panels: Sequence[BarPanel], rows: Sequence[str], runs: Sequence[PlotRun], title: str,
-              path: Path, *, legend_suffix: Mapping[str, str] | None = None) -> None:
+              path: Path, *, mode_suffix: str = "") -> None:
     """Panels three to a row, a row per case, a bar per run: mean, 95 % CI, each repetition."""
     n_runs = max(len(runs), 1)
     height = 0.8 / n_runs
@@ -771,7 +770,7 @@ def draw_bars(panels: Sequence[BarPanel], rows: Sequence[str], runs: Sequence[Pl
             ax.grid(axis="y", visible=False)
         axes[0].set_yticks(range(len(rows)), [row.replace(",", "\n") for row in rows])
         axes[0].set_ylim(len(rows) - 0.5, -0.5)  # first case on top, as in the tables
-        keys = _mode_legend(modes, (legend_suffix or {}).get("mode", ""))
+        keys = _mode_legend(modes, mode_suffix)
         keys.append(Line2D([], [], ls="none", marker="o", ms=4, mfc="white", mec="#222222",
                            label="one repetition"))
         keys.append(Line2D([], [], color="#222222", marker="|", ms=8, lw=1, label="95 % confidence interval"))
@@ -882,7 +881,7 @@ def draw_plots(runs: Sequence[PlotRun], out_dir: Path) -> list[PlotFile]:
     panel_list = goodput_panels(runs)
     if panel_list:
         draw_bars(panel_list, rows, runs, "Goodput by case: bytes delivered × 8 ÷ time from first send() to EOF",
-                  out_dir / "goodput.png", legend_suffix={"mode": " client"})
+                  out_dir / "goodput.png", mode_suffix=" client")
         drawn.append(PlotFile(
             "goodput.png", "Goodput by case",
             "Mean over repetitions (bar), each repetition (○) and the 95 % confidence interval of the mean; "

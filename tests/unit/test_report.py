@@ -112,7 +112,8 @@ def test_report_names_the_experiment_engine_and_every_case_setting(tmp_path):
     assert f"Compose {meta['compose']}" in text and "shaping backend: netem" in text
     cases = table(text, "## Cases")
     assert list(cases) == ["sender.mode=blocking", "sender.mode=nonblocking", "sender.mode=nonblocking-spin"]
-    assert cases["sender.mode=nonblocking-spin"]["group `sender`"].startswith("**nonblocking-spin**; bulk (bytes 4194304")
+    spin = cases["sender.mode=nonblocking-spin"]["group `sender`"]
+    assert spin.startswith("**nonblocking-spin**; bulk (bytes 4194304")
     assert "link rate 20mbit" in cases["sender.mode=blocking"]["group `sender`"]
 
 
