@@ -418,6 +418,21 @@ def zoom_top_bytes(timelines: Sequence[SendTimeline], window_s: float) -> int:
     return int(top) or max((level_at_s(tl, window_s) for tl in timelines), default=0) or 1
 
 
+def lines_may_overlap(timelines: Sequence[SendTimeline]) -> bool:
+    """True when two timelines take nearly the same path (as clients held to one
+    link's pace do), so that drawn alike one would hide the other."""
+    span_s = max((tl.steps_s[-1] for tl in timelines), default=0.0)
+    top = max((tl.accepted_bytes for tl in timelines), default=0) or 1
+
+    def close(a: SendTimeline, b: SendTimeline) -> bool:
+        if abs(a.steps_s[-1] - b.steps_s[-1]) > 0.03 * span_s:
+            return False
+        probes_s = [k / 20 * min(a.steps_s[-1], b.steps_s[-1]) for k in range(1, 21)]
+        return all(abs(level_at_s(a, t) - level_at_s(b, t)) <= 0.03 * top for t in probes_s)
+
+    return any(close(a, b) for i, a in enumerate(timelines) for b in timelines[i + 1:])
+
+
 def level_at_s(timeline: SendTimeline, t_s: float) -> int:
     """Bytes the timeline's sends had accepted by ``t_s``."""
     i = bisect.bisect_right(timeline.steps_s, t_s)
@@ -428,11 +443,12 @@ def _draw_timelines(ax, lines: Sequence[TimelineLine], divisor: float, time_scal
                     with_labels: bool) -> bool:
     """Draw the lines on ``ax``; True if any send met EAGAIN."""
     any_refused = False
+    overlap = lines_may_overlap([line.timeline for line in lines])
     for k, line in enumerate(lines):
         colour, tl = mode_colour(line.mode), line.timeline
-        # Earlier lines drawn wider, so that one hidden under a later line
-        # that took the same path still shows as its outline.
-        width = 1.5 + 0.7 * (len(lines) - 1 - k)
+        # Where lines may coincide, earlier ones are drawn wider, so that one
+        # hidden under a later line still shows as its outline.
+        width = 1.5 + 0.7 * (len(lines) - 1 - k) if overlap else 1.6
         # Thick translucent bars under the line: where the time went.
         ax.add_collection(LineCollection(
             [((s * time_scale, lvl / divisor), (e * time_scale, lvl / divisor)) for s, e, lvl in tl.calls],
@@ -603,8 +619,10 @@ def draw_latency_cdf(panels: Mapping[str, Sequence[LatencyLine]], runs: Sequence
             ax.set_xscale("log")
             ax.set_xlim(low / 1.3, high * 1.3)
             ax.set_ylim(0, 1.02)
-            ax.set_xlabel("round-trip latency (ms, log scale)")
-            if i % ncols == 0:  # the axes share y: one label per row is enough
+            # The axes share both scales: one label per row and per column is enough.
+            if i + ncols >= len(titles):
+                ax.set_xlabel("round-trip latency (ms, log scale)")
+            if i % ncols == 0:
                 ax.set_ylabel("fraction of requests (≤ latency)")
             if title:
                 ax.set_title(title)

@@ -265,6 +265,8 @@ def test_zoom_and_smoothing_helpers():
     early = plots.SendTimeline((0.0, 0.001, 0.001, 0.002), (0, 0, 400, 400), (), (), 1, 0, 400, 0.001)
     # Room for the early finisher, not for the line still climbing past it.
     assert plots.zoom_top_bytes([early, line(10.0)], 0.005) == 1000
+    assert plots.lines_may_overlap([line(10.0), line(9.9)])
+    assert not plots.lines_may_overlap([line(10.0), early])
     assert plots.moving_mean([1, 2, 3, 4, 5, 6], 3) == [1.5, 2, 3, 4, 5, 5.5]
 
 
