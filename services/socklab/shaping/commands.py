@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from ..cli import ArgumentParser
 from ..errors import EngineError, UsageError
@@ -75,6 +77,20 @@ def write_state(path: Path, state: Mapping[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def changing(state_path: Path) -> Iterator[None]:
+    """Hold the link's lock: one apply or set at a time per state file.
+
+    A ``docker exec ... shape set`` can arrive while the entrypoint is still
+    applying the container's link (the userspace backend takes a moment to
+    start its delay line); without the lock both would tear down and build at once.
+    """
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_path.with_name(state_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _check_ifname(name: str, what: str) -> str:
@@ -329,14 +345,16 @@ def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str
     whose "summary" entry is a one-line description to print.
     """
     spec = changes_from_env(environ).resolve()
-    return apply_spec(
-        spec,
-        backend_from_env(environ),
-        runner=runner,
-        dev=environ.get(ENV_DEV, "").strip() or DEFAULT_DEV,
-        ifb=environ.get(ENV_IFB, "").strip() or DEFAULT_IFB,
-        state_path=state_path_from(environ),
-    )
+    state_path = state_path_from(environ)
+    with changing(state_path):
+        return apply_spec(
+            spec,
+            backend_from_env(environ),
+            runner=runner,
+            dev=environ.get(ENV_DEV, "").strip() or DEFAULT_DEV,
+            ifb=environ.get(ENV_IFB, "").strip() or DEFAULT_IFB,
+            state_path=state_path,
+        )
 
 
 # --- command line -------------------------------------------------------------
@@ -441,10 +459,12 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: 
 
     if args.command == "apply":
         spec, backend, dev, ifb = _wanted(args, environ)
-        print(apply_spec(spec, backend, runner=runner, dev=dev, ifb=ifb, state_path=state_path)["summary"])
+        with changing(state_path):
+            print(apply_spec(spec, backend, runner=runner, dev=dev, ifb=ifb, state_path=state_path)["summary"])
     elif args.command == "set":
         changes, backend = changes_from_assignments(args.assignments)
-        result = set_link(changes, backend, runner=runner, dev=args.dev, ifb=args.ifb, state_path=state_path)
+        with changing(state_path):
+            result = set_link(changes, backend, runner=runner, dev=args.dev, ifb=args.ifb, state_path=state_path)
         print(result["summary"])
     elif args.command == "show":
         shown = show_link(runner, dev=args.dev, ifb=args.ifb, state_path=state_path)
