@@ -132,6 +132,11 @@ def test_link_the_kernel_cannot_shape_stops_the_container(project):
         assert attempt.returncode != 0
         message = attempt.stderr.strip().splitlines()[-1]
         assert "delay" in message and "sch_netem" in message, attempt.stderr
+    # With the backend left to choose, the same link runs: through netem, or
+    # without it through the userspace delay line.
+    chosen = project.run("client", "exec", "true", env={**env, "LINK_BACKEND": "auto"})
+    expected = "netem" if caps["qdiscs"]["netem"] else "userspace"
+    assert f"(backend {expected}, applied" in chosen.stderr, chosen.stderr
 
 
 def test_containers_have_least_privilege_and_no_route_out(project):

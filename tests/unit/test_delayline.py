@@ -264,7 +264,7 @@ def test_a_new_delay_applies_to_new_packets_and_held_ones_keep_their_time():
     assert q.release(0.100) == ["old", "new"]
 
 
-def _binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
+def binomial_interval(n: int, p: float, confidence: float = 0.99) -> tuple[int, int]:
     """The central interval holding ``confidence`` of Binomial(n, p)."""
     tail = (1 - confidence) / 2
     logpmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p)
@@ -286,7 +286,7 @@ def test_loss_count_is_binomial(loss_pct):
     q = DelayQueue(LineConfig(delay_ms=1, loss_pct=loss_pct, limit_pkts=n), random.Random(1).random)
     for i in range(n):
         q.offer(i * 1e-6, i, 1)
-    low, high = _binomial_interval(n, loss_pct / 100)
+    low, high = binomial_interval(n, loss_pct / 100)
     assert low <= q.lost <= high, (q.lost, low, high)
     assert q.lost + len(q) == n
 
