@@ -265,8 +265,12 @@ def test_zoom_and_smoothing_helpers():
     early = plots.SendTimeline((0.0, 0.001, 0.001, 0.002), (0, 0, 400, 400), (), (), 1, 0, 400, 0.001)
     # Room for the early finisher, not for the line still climbing past it.
     assert plots.zoom_top_bytes([early, line(10.0)], 0.005) == 1000
-    assert plots.lines_may_overlap([line(10.0), line(9.9)])
-    assert not plots.lines_may_overlap([line(10.0), early])
+
+    def ramp(end_s):  # 1000 bytes accepted 10 at a time, evenly up to end_s
+        times = [end_s * k / 100 for k in range(101)]
+        return plots.SendTimeline(tuple(times), tuple(10 * k for k in range(101)), (), (), 100, 0, 1000, end_s)
+    assert plots.lines_may_overlap([ramp(10.0), ramp(10.1)])
+    assert not plots.lines_may_overlap([ramp(10.0), ramp(5.0)])
     assert plots.moving_mean([1, 2, 3, 4, 5, 6], 3) == [1.5, 2, 3, 4, 5, 5.5]
 
 
