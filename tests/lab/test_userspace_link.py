@@ -86,7 +86,7 @@ def test_delay_fidelity_rtt_from_tcp_info_and_ping_pong(project, tmp_path):
             if latency["p90"] - latency["p50"] <= tolerance_ms:
                 break
         lines = results["link"]["delay_line"]
-        assert set(lines) - {"running", "pid", "uptime_s"} == ({"up", "down"} if directions == "both"
+        assert set(lines) - {"running", "pid", "uptime_s", "cpu_s"} == ({"up", "down"} if directions == "both"
                                                                 else {directions})
         tcp_ms, p50_ms = results["client"]["tcp"]["rtt_ms"], latency["p50"]
         late_ms = max(lines[d]["late_ms_max"] for d in ("up", "down") if d in lines)

@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import resource
 import select
 import signal
 import socket
@@ -351,7 +352,7 @@ class DelayLine:
             self._stop_at_s = self.clock() + longest_s + STOP_GRACE_S
 
     def stats(self) -> dict[str, Any]:
-        """Counters per direction, the kernel's overflow drops included."""
+        """Counters per direction (the kernel's overflow drops included) and the CPU time spent."""
         kernel = nfqueue.read_proc_queues()
         lines = {}
         for direction, line in self.lines.items():
@@ -360,8 +361,10 @@ class DelayLine:
             counters["overflow"] += dropped.get("overflow", 0) + dropped.get("socket_overflow", 0)
             lines[direction] = {"queue": line.queue_num, "method": "copy" if line.copies else "verdict",
                                 **counters, "send_errors": line.send_errors}
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         return {"running": self._stop_at_s is None, "pid": os.getpid(),
-                "uptime_s": round(self.clock() - self.started_s, 3), **lines}
+                "uptime_s": round(self.clock() - self.started_s, 3),
+                "cpu_s": round(usage.ru_utime + usage.ru_stime, 3), **lines}
 
     def reconfigure(self, configs: Mapping[str, LineConfig]) -> None:
         """New delay, jitter, loss or limit for running directions; packets held keep their time."""
