@@ -444,6 +444,18 @@ def _print_qdiscs(shown: Mapping[str, Any]) -> None:
                 f"{q['packets']} packets, {q['drops']} dropped, {q['overlimits']} overlimits, "
                 f"backlog {q['backlog']} bytes {q['qlen']} packets"
             )
+    line = shown.get("delay_line")
+    if line is not None and not line.get("running"):
+        print(f"delay line: not running ({line.get('error', 'stopped')})")
+    for direction in ("up", "down"):
+        if line and direction in line:
+            d = line[direction]
+            late = "" if d["late_ms_mean"] is None else (
+                f", released late by {d['late_ms_mean']} ms on average and {d['late_ms_max']} ms at most")
+            print(
+                f"delay line {direction}: {d['packets']} packets, {d['delayed']} delayed, {d['lost']} lost, "
+                f"{d['overflow']} overflowed (limit {d['limit_pkts']}), {d['held']} held now{late}"
+            )
 
 
 def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: Runner = run) -> int:
