@@ -47,7 +47,7 @@ CLIENT_FIELDS = (
 )
 # latency_ms is an object of named statistics (p50, p99, ...) whose keys the
 # client chooses, so any key under it is a valid name.
-CLIENT_OPEN_OBJECTS = ("latency_ms",)
+CLIENT_OPEN_OBJECTS = ("latency_ms", "connect")
 # Fields that identify a record rather than measure anything.
 _IDENTITY_FIELDS = frozenset({"replica"})
 _TOTALLED_FIELDS = frozenset({"connections", "send_calls", "eagain", "timeouts", "retrans"})

@@ -162,7 +162,7 @@ def test_known_names(name):
 
 @pytest.mark.parametrize("name, fragment", [
     ("receiver.bytes_accepted", "does not start with a client group, server or case"),
-    ("sender.bytes_sent", "is not a result of client group sender: use one of bytes_requested"),
+    ("sender.bytes_sent", "is not a result of client group sender: use one of connections, bytes_requested"),
     ("server.bytes_accepted", "is not a result of the server"),
     ("case.cpu_s", "is not a result of the case: use one of wall_s"),
     ("sender.latency_ms.p99.x", "is not a result of client group sender"),
