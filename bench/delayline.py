@@ -1,0 +1,235 @@
+"""Benchmark: the fastest traffic the userspace delay line carries at 20 ms before its accuracy breaks.
+
+    BASE_IMAGE=... python3 bench/delayline.py [--out bench/results/delayline.json]
+
+On real containers of a project of its own (removed afterwards): the client's
+link has 20 ms of delay each way by the userspace backend, and no rate limit,
+so no bottleneck queue stands between what is measured and the delay line.
+For each offered rate, iperf3 pushes TCP at that rate from the client to the
+server (paced by iperf3, through the delay line's copy path up and its verdict
+path down) while, on a second connection from the same container, a ping-pong
+of 64-byte requests measures the round trip. The rate is sustained when
+
+* goodput (iperf3's receiver, the first second omitted) is at least 90 % of the
+  offered rate, and
+* the ping-pong's median round trip is within 5 % of the configured 40 ms.
+
+Each rate is tried three times and counts as sustained when two tries are
+(the delay line shares two cores with everything else, and one try can meet a
+busy moment). Rates double until one fails, then the gap is halved a few times.
+Past that, rates keep doubling (one try each) until goodput alone falls under
+90 %: the most the delay line carries at all, accuracy aside. Every try, with
+the delay line's own counters and CPU time, goes to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import secrets
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "services")]
+
+from labkit import proc  # noqa: E402
+from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
+from socklab.results import find_results  # noqa: E402
+
+DELAY_MS = 20
+ROUND_TRIP_MS = 2 * DELAY_MS
+RTT_TOLERANCE = 0.05
+GOODPUT_FLOOR = 0.90
+SECONDS = 6  # iperf3's run; its first second is omitted from its figures
+FIRST_MBIT = 25
+REFINE_STEPS = 3
+TRIES = 3
+FRAME_BYTES = 1514
+# The server runs the lab's echo server for the ping-pong and iperf3 beside it.
+SERVER_COMMAND = ["exec", "sh", "-c",
+                  "iperf3 -s -D && exec python3 -m socklab server --mode threaded --port 5000 --workload echo "
+                  "--max-connections 1000 --idle-timeout 600"]
+
+
+def client_script(rate_mbit: float) -> str:
+    """iperf3 at ``rate_mbit`` and, a second in, the ping-pong; both results printed one line each."""
+    requests = int((SECONDS - 2) / (ROUND_TRIP_MS / 1000 + 0.02))
+    return (
+        f"iperf3 -c server -b {rate_mbit:g}M -t {SECONDS} -O 1 -J > /tmp/iperf.json & "
+        f"sleep 1; python3 -m socklab client --host server --port 5000 --mode blocking --workload echo "
+        f"--size 64 --requests {requests} --think 20ms; wait; printf 'iperf3 '; "
+        "python3 -c 'import json; print(json.dumps(json.load(open(\"/tmp/iperf.json\"))))'"
+    )
+
+
+def limit_pkts(rate_mbit: float) -> int:
+    """The delay line's queue: room for four times what the rate puts in flight over the delay,
+    so that iperf3's and TCP's bursts do not overflow it: this measures speed, not queue size."""
+    in_flight = rate_mbit * 1e6 / 8 * DELAY_MS / 1000 / FRAME_BYTES
+    return math.ceil(4 * in_flight) + 1000
+
+
+def measure(lab: ComposeProject, rate_mbit: float) -> dict:
+    """One rate: goodput, round trips and the delay line's counters."""
+    env = {"SOCKLAB_LINK_RATE": "", "SOCKLAB_LINK_DELAY": f"{DELAY_MS}ms", "SOCKLAB_LINK_LIMIT": str(limit_pkts(rate_mbit)),
+           "SOCKLAB_LINK_BACKEND": "userspace", "SOCKLAB_REPORT_LINK": "1"}
+    flags = [flag for key, value in env.items() for flag in ("-e", f"{key}={value}")]
+    done = lab.compose("run", "--rm", "--use-aliases", *flags, "client", "exec", "sh", "-c",
+                       client_script(rate_mbit), timeout_s=180, check=False)
+    results = {r["role"]: r for r in find_results(done.stdout)}
+    iperf_line = next((line for line in done.stdout.splitlines() if line.startswith("iperf3 {")), None)
+    if "client" not in results or "link" not in results or iperf_line is None:
+        return {"rate_mbit": rate_mbit, "sustained": False,
+                "error": f"no complete result (exit {done.returncode}): {(done.stdout + done.stderr)[-600:]}"}
+    iperf = json.loads(iperf_line.removeprefix("iperf3 "))
+    if "error" in iperf:
+        return {"rate_mbit": rate_mbit, "sustained": False, "error": f"iperf3: {iperf['error']}"}
+    goodput_bps = iperf["end"]["sum_received"]["bits_per_second"]
+    latency = results["client"]["latency_ms"]
+    line = results["link"]["delay_line"]
+    rtt_error = abs(latency["p50"] - ROUND_TRIP_MS) / ROUND_TRIP_MS
+    goodput_ratio = goodput_bps / (rate_mbit * 1e6)
+    packets = sum(line[d]["packets"] for d in ("up", "down"))
+    return {
+        "rate_mbit": rate_mbit,
+        "sustained": goodput_ratio >= GOODPUT_FLOOR and rtt_error <= RTT_TOLERANCE,
+        "goodput_mbit": round(goodput_bps / 1e6, 3),
+        "goodput_ratio": round(goodput_ratio, 4),
+        "rtt_ms": {k: latency[k] for k in ("p50", "p90", "p99", "max", "mean")},
+        "rtt_error": round(rtt_error, 4),
+        "tcp_retrans": iperf["end"]["sum_sent"].get("retransmits"),
+        "delay_line": {
+            "limit_pkts": line["up"]["limit_pkts"],
+            "cpu_s": line["cpu_s"],
+            "uptime_s": line["uptime_s"],
+            "packets": packets,
+            "cpu_us_per_packet": round(line["cpu_s"] / packets * 1e6, 2) if packets else None,
+            **{d: {k: line[d][k] for k in ("packets", "bytes", "overflow", "lost", "send_errors", "held_max",
+                                            "late_ms_mean", "late_ms_max")} for d in ("up", "down")},
+        },
+    }
+
+
+def describe(m: dict) -> str:
+    if "error" in m:
+        return f"{m['rate_mbit']:8.1f} Mbit/s: FAILED TO MEASURE: {m['error']}"
+    return (f"{m['rate_mbit']:8.1f} Mbit/s: goodput {m['goodput_mbit']:8.2f} ({m['goodput_ratio']:.3f}), "
+            f"RTT p50 {m['rtt_ms']['p50']:7.2f} ms (error {m['rtt_error'] * 100:5.2f} %), p90 "
+            f"{m['rtt_ms']['p90']:7.2f} ms; delay line {m['delay_line']['cpu_us_per_packet']} µs CPU per packet, "
+            f"overflow {m['delay_line']['up']['overflow'] + m['delay_line']['down']['overflow']} -> "
+            f"{'sustained' if m['sustained'] else 'BROKEN'}")
+
+
+def search(lab: ComposeProject) -> list[dict]:
+    """Double the rate until the line breaks, then halve the gap REFINE_STEPS times."""
+    measurements = []
+
+    def probe(rate_mbit: float) -> bool:
+        tries = []
+        for _ in range(TRIES):
+            tries.append(measure(lab, rate_mbit))
+            print(describe(tries[-1]), flush=True)
+        sustained = sum(t["sustained"] for t in tries) * 2 > TRIES
+        measurements.append({"rate_mbit": rate_mbit, "sustained": sustained, "tries": tries})
+        return sustained
+
+    good, bad = None, None
+    rate = FIRST_MBIT
+    while bad is None:
+        if probe(rate):
+            good, rate = rate, rate * 2
+        else:
+            bad = rate
+    if good is None:
+        return measurements
+    for _ in range(REFINE_STEPS):
+        middle = round((good + bad) / 2, 1)
+        if probe(middle):
+            good = middle
+        else:
+            bad = middle
+    return measurements
+
+
+def carried(lab: ComposeProject, from_mbit: float) -> list[dict]:
+    """Double the rate from ``from_mbit`` until goodput falls under GOODPUT_FLOOR (one try each)."""
+    tries = []
+    rate = from_mbit
+    while True:
+        m = measure(lab, rate)
+        tries.append(m)
+        print(describe(m), flush=True)
+        if "error" in m or m["goodput_ratio"] < GOODPUT_FLOOR:
+            return tries
+        rate *= 2
+
+
+def environment() -> dict:
+    def text(argv: list[str]) -> str | None:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip() or None
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    return {
+        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_revision": text(["git", "rev-parse", "--short", "HEAD"]),
+        "host_kernel": platform.release(),
+        "cpus": len(os.sched_getaffinity(0)),
+        # Anything else running competes with the delay line for the CPU, which is what bounds it.
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+        "docker": text(["docker", "version", "--format", "{{.Server.Version}}"]),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "delayline.json")
+    args = parser.parse_args()
+
+    ComposeProject("socklab-build").build("server")
+    with tempfile.TemporaryDirectory() as tmp:
+        override = Path(tmp) / "bench.json"
+        override.write_text(json.dumps({"services": {"server": {"command": SERVER_COMMAND}}}))
+        lab = ComposeProject(f"socklab-bench-{secrets.token_hex(3)}", files=(COMPOSE_FILE, override))
+        try:
+            lab.up("server", env={"SERVER_LINK_RATE": ""})
+            measurements = search(lab)
+            sustained = [m["rate_mbit"] for m in measurements if m["sustained"]]
+            broken = [m["rate_mbit"] for m in measurements
+                      if not m["sustained"] and m["rate_mbit"] > max(sustained, default=0)]
+            throughput = carried(lab, 2 * max(broken, default=FIRST_MBIT))
+        finally:
+            lab.down()
+    enough = [m for m in throughput if "error" not in m and m["goodput_ratio"] >= GOODPUT_FLOOR]
+    summary = {
+        "highest_sustained_mbit": max(sustained, default=None),
+        "lowest_broken_mbit": min(broken, default=None),
+        "most_carried_mbit": max((m["goodput_mbit"] for m in throughput if "error" not in m), default=None),
+        "highest_rate_carried_mbit": max((m["rate_mbit"] for m in enough), default=None),
+        "criteria": {"delay_ms_each_way": DELAY_MS, "round_trip_ms": ROUND_TRIP_MS, "rtt_error_max": RTT_TOLERANCE,
+                     "goodput_ratio_min": GOODPUT_FLOOR, "iperf3_seconds": SECONDS,
+                     "tries_per_rate": TRIES, "sustained_when": "most tries meet both"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"benchmark": "delayline", **environment(), **summary,
+                                    "measurements": measurements, "throughput": throughput}, indent=1) + "\n")
+    print(f"highest rate sustained at {DELAY_MS} ms each way: {summary['highest_sustained_mbit']} Mbit/s "
+          f"(broken at {summary['lowest_broken_mbit']} Mbit/s); most carried at all: "
+          f"{summary['most_carried_mbit']} Mbit/s; written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except proc.CommandError as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        sys.exit(3)
