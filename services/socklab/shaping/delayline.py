@@ -73,6 +73,7 @@ STOP_GRACE_S = 1.0
 CONTROL_TIMEOUT_S = 5.0
 
 HELD, LOST, OVERFLOW = "held", "lost", "overflow"
+_SO_SNDBUFFORCE = 32  # not exported by the socket module
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,6 @@ class DelayQueue:
 
 @dataclass
 class _Line:
-    direction: str
     queue_num: int
     queue: DelayQueue
     # up: the packet is copied, dropped at once, and its copy sent again.
@@ -216,7 +216,7 @@ class DelayLine:
         rng = random.Random()
         self.clock = clock
         self.lines = {
-            direction: _Line(direction, QUEUES[direction], DelayQueue(config, rng.random), copies=direction == "up")
+            direction: _Line(QUEUES[direction], DelayQueue(config, rng.random), copies=direction == "up")
             for direction, config in configs.items()
         }
         self._by_queue = {line.queue_num: line for line in self.lines.values()}
@@ -246,7 +246,7 @@ class DelayLine:
                 self.raw.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, RESEND_MARK)
                 # Copies wait in tbf's queue charged to this socket; the
                 # bottleneck's own limit, not this buffer, must decide drops.
-                self.raw.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE
+                self.raw.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, 16 << 20)
         except OSError as exc:
             raise EngineError(f"the delay line cannot use NFQUEUE ({exc.strerror or exc}); it needs root with "
                               "NET_ADMIN and the kernel's nfnetlink_queue module") from None
@@ -273,10 +273,7 @@ class DelayLine:
             timeout = None if not due else max(0.0, min(due) - now - SPIN_S)
             if self._stop_at_s is not None:
                 timeout = max(0.0, min(timeout if timeout is not None else math.inf, self._stop_at_s - now))
-            try:
-                readable, _, _ = select.select(waitables, [], [], timeout)
-            except InterruptedError:
-                continue
+            readable, _, _ = select.select(waitables, [], [], timeout)
             if self.nfq.sock in readable:
                 self._take()
             self._release(self.clock())
@@ -521,5 +518,6 @@ def stop() -> dict[str, Any] | None:
     second). The caller removes the iptables rules first, or new packets
     would meet a queue with no listener.
     """
-    longest_wait_s = CONTROL_TIMEOUT_S + 60.0
-    return ask({"op": "stop"}, timeout_s=longest_wait_s)
+    # The delay line bounds its own stop by its longest hold, which the asker
+    # does not know; a minute covers any delay a lab link sensibly has.
+    return ask({"op": "stop"}, timeout_s=CONTROL_TIMEOUT_S + 60.0)
