@@ -29,6 +29,7 @@ from socklab.shaping import (
     backend_from_env,
     build_plan,
     build_teardown,
+    teardown,
     changes_from_assignments,
     choose_backend,
     link_spec_from_env,
@@ -39,6 +40,7 @@ from socklab.shaping import (
     set_link,
     show_link,
 )
+from socklab.shaping.plan import qdisc_teardown
 from socklab.shaping.runner import prefixed
 from socklab.shaping.show import parse_qdisc_json, parse_qdisc_text
 
@@ -332,11 +334,13 @@ def test_userspace_down_delay_needs_no_ifb_but_a_down_rate_does():
 class FakeKernel:
     """A Runner that records argv, fails what ``fails`` says, and answers the show commands."""
 
-    def __init__(self, fails=lambda argv: False, qdiscs=None, links=("lo", "eth0")):
+    def __init__(self, fails=lambda argv: False, qdiscs=None, links=("lo", "eth0"), iptables="", unix_sockets=""):
         self.calls: list[list[str]] = []
         self.fails = fails
         self.qdiscs = qdiscs or {}
         self.links = set(links)
+        self.iptables = iptables
+        self.unix_sockets = unix_sockets
 
     def __call__(self, argv):
         argv = list(argv)
@@ -347,11 +351,15 @@ class FakeKernel:
             return json.dumps(self.qdiscs.get(argv[-1], []))
         if argv[:3] == ["ip", "-o", "link"]:
             return "".join(f"{i}: {name}: <UP> mtu 1500\n" for i, name in enumerate(sorted(self.links), 1))
+        if argv[-1] == "-S":
+            return self.iptables
+        if argv == ["cat", "/proc/net/unix"]:
+            return self.unix_sockets
         return ""
 
     def changing(self):
         """Calls that change something (not the read-only show and list commands)."""
-        return [c for c in self.calls if c[:2] not in (["tc", "-s"], ["ip", "-o"]) and c[-1] != "-S"]
+        return [c for c in self.calls if c[:2] not in (["tc", "-s"], ["ip", "-o"]) and c[-1] != "-S" and c[0] != "cat"]
 
 
 def test_run_returns_stdout_and_raises_one_readable_error():
@@ -402,7 +410,7 @@ def test_apply_tears_down_then_runs_the_plan_and_remembers_it(tmp_path):
     fake = FakeKernel()
     spec = link_spec_from_mapping({"rate": "10mbit"})
     result = apply_spec(spec, "auto", runner=fake, state_path=tmp_path / "link.json", caps=NO_NETEM)
-    assert fake.changing() == build_teardown("eth0", "ifb0") + build_plan(spec, "netem")
+    assert fake.changing() == qdisc_teardown("eth0", "ifb0") + build_plan(spec, "netem")
     assert result["summary"] == "link eth0: up rate 10mbit, down rate 10mbit (backend netem, applied, 6 commands)"
     state = json.loads((tmp_path / "link.json").read_text())
     assert state["backend"] == "netem" and state["applied"] == spec.to_dict()
@@ -421,7 +429,23 @@ def test_apply_failing_half_way_removes_what_it_built(tmp_path):
     fake = FakeKernel(fails=lambda argv: argv[:3] == ["tc", "filter", "add"])
     with pytest.raises(ShapingError, match="tc filter add dev eth0"):
         apply_spec(link_spec_from_mapping({"rate": "10mbit"}), runner=fake, state_path=tmp_path / "s.json", caps=ALL_CAPS)
-    assert fake.changing()[-len(build_teardown()):] == build_teardown("eth0", "ifb0")
+    assert fake.changing()[-3:] == qdisc_teardown("eth0", "ifb0")
+
+
+def test_teardown_stops_a_delay_line_only_where_there_may_be_one():
+    # Its control socket is listed (say, it started but its rules did not go in): stop it, unhook everything.
+    fake = FakeKernel(unix_sockets="0000: 00000002 0 10000 0001 01 4242 @socklab-delayline\n")
+    teardown(fake, "eth0", "ifb0")
+    assert fake.changing() == build_teardown("eth0", "ifb0")
+    # A chain that cannot be removed is named.
+    stuck = FakeKernel(iptables="-P OUTPUT ACCEPT\n-N socklab-down\n", fails=lambda argv: argv[4:5] == ["-X"])
+    with pytest.raises(EngineError, match=r"^could not remove the old shaping \(the iptables chain socklab-down "
+                                          r"remained\): `iptables -w -t mangle -X socklab-up` failed"):
+        teardown(stuck, "eth0", "ifb0")
+    # Neither: no Python is started for nothing.
+    quiet = FakeKernel()
+    teardown(quiet, "eth0", "ifb0")
+    assert quiet.changing() == qdisc_teardown("eth0", "ifb0")
 
 
 def test_teardown_that_leaves_something_behind_is_an_error(tmp_path):
@@ -465,7 +489,7 @@ def test_set_rebuilds_when_the_layout_changes_and_reuses_the_probe(tmp_path):
     fake = FakeKernel()
     result = set_link(changes_from_assignments(["up.rate=none"])[0], runner=fake, state_path=state)
     new = link_spec_from_mapping({"down": {"rate": "10mbit"}})
-    assert fake.changing() == build_teardown("eth0", "ifb0") + build_plan(new, "netem")
+    assert fake.changing() == qdisc_teardown("eth0", "ifb0") + build_plan(new, "netem")
     assert result["summary"] == "link eth0: up unshaped, down rate 10mbit (backend netem, rebuilt, 5 commands)"
     # The kernel was not probed again: the state file kept what the first probe found.
     assert not any("socklab-probe0" in c for c in fake.calls)
@@ -479,7 +503,7 @@ def test_set_to_nothing_removes_the_shaping(tmp_path):
     apply_spec(link_spec_from_mapping({"up": {"rate": "10mbit"}}), runner=FakeKernel(), state_path=state, caps=ALL_CAPS)
     fake = FakeKernel()
     result = set_link(changes_from_assignments(["rate=none"])[0], runner=fake, state_path=state)
-    assert fake.changing() == build_teardown("eth0", "ifb0")
+    assert fake.changing() == qdisc_teardown("eth0", "ifb0")
     assert result["summary"] == "link eth0: unshaped (removed)" and result["backend"] == "none"
 
 
@@ -539,7 +563,7 @@ def test_apply_from_env_uses_every_setting(tmp_path):
                "SOCKLAB_LINK_BACKEND": "netem", "SOCKLAB_LINK_STATE": str(tmp_path / "l.json")}
     result = apply_from_env(environ, fake)
     assert result["summary"] == "link eth1: up rate 2mbit, down unshaped (backend netem, applied, 1 commands)"
-    assert fake.changing()[-len(build_teardown()) - 1:] == build_teardown("eth1", "ifb3") + [
+    assert fake.changing()[-4:] == qdisc_teardown("eth1", "ifb3") + [
         ["tc", "qdisc", "add", "dev", "eth1", "root", "handle", "1:", "tbf", "rate", "2mbit", "burst", "15140",
          "limit", "24224"]]
     assert json.loads((tmp_path / "l.json").read_text())["dev"] == "eth1"

@@ -35,6 +35,7 @@ from .plan import (
     ROOT_HANDLE,
     build_teardown,
     delay_line_teardown,
+    qdisc_teardown,
 )
 from .runner import Runner, ShapingError, run
 from .show import link_names, qdisc_stats
@@ -106,11 +107,12 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
 
     The commands fail harmlessly for parts that were never added, so success is
     judged by what is left afterwards; if something is, the first failure is
-    reported.
+    reported. The delay line's part runs only when there may be one: stopping
+    it starts Python, which would slow every container's start for nothing.
     """
     failures = []
     left = []
-    for argv in build_teardown(dev, ifb):
+    for argv in build_teardown(dev, ifb) if _delay_line_present(runner) else qdisc_teardown(dev, ifb):
         try:
             runner(argv)
         except ShapingError as exc:
@@ -129,6 +131,17 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
     if left:
         cause = f": {failures[0]}" if failures else ""
         raise EngineError(f"could not remove the old shaping ({', '.join(left)} remained){cause}")
+
+
+def _delay_line_present(runner: Runner) -> bool:
+    """Whether a delay line's rules or its process may be there (its control socket is listed)."""
+    if _delay_line_chains(runner):
+        return True
+    try:
+        sockets = runner(["cat", "/proc/net/unix"])
+    except ShapingError:
+        return True  # cannot tell: look for one the slow way
+    return f"@{delayline.CONTROL_NAME}" in sockets
 
 
 def _delay_line_chains(runner: Runner) -> list[str]:

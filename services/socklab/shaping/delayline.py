@@ -57,7 +57,9 @@ from .nfqueue import NF_ACCEPT, NF_DROP, NfQueue, encode_verdict, encode_verdict
 QUEUES = {"up": 7301, "down": 7302}
 # skb->mark of the copies the delay line sends again, so the up rule lets them pass.
 RESEND_MARK = 0x50C1AB
-CONTROL_ADDRESS = b"\0socklab-delayline"
+# Listed in /proc/net/unix as "@" + CONTROL_NAME.
+CONTROL_NAME = "socklab-delayline"
+CONTROL_ADDRESS = b"\0" + CONTROL_NAME.encode()
 # netem's own default limit, used alike when a link has neither rate nor limit.
 DEFAULT_LIMIT_PKTS = 1000
 # Packets handled between two looks at the clock: a long burst is stamped and

@@ -320,15 +320,19 @@ def _layout(command: list[str]) -> tuple[str, ...]:
     return tuple(command)
 
 
+def qdisc_teardown(dev: str = "eth0", ifb: str = "ifb0") -> list[list[str]]:
+    """Commands that remove every qdisc, filter and device a plan can have added."""
+    return [
+        ["tc", "qdisc", "del", "dev", dev, "root"],
+        ["tc", "qdisc", "del", "dev", dev, "ingress"],
+        ["ip", "link", "del", "dev", ifb],
+    ]
+
+
 def build_teardown(dev: str = "eth0", ifb: str = "ifb0") -> list[list[str]]:
     """Commands that remove everything a plan of either backend can have added.
 
     Each may fail harmlessly when its part was never added; the caller decides
     what counts as done by looking at what is left.
     """
-    return [
-        *delay_line_teardown(dev),
-        ["tc", "qdisc", "del", "dev", dev, "root"],
-        ["tc", "qdisc", "del", "dev", dev, "ingress"],
-        ["ip", "link", "del", "dev", ifb],
-    ]
+    return [*delay_line_teardown(dev), *qdisc_teardown(dev, ifb)]
