@@ -249,6 +249,9 @@ class DelayLine:
                 # Copies wait in tbf's queue charged to this socket; the
                 # bottleneck's own limit, not this buffer, must decide drops.
                 self.raw.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, 16 << 20)
+                # Should it fill all the same, a copy is lost and counted: a
+                # blocked send would stall every packet of both directions.
+                self.raw.setblocking(False)
         except OSError as exc:
             raise EngineError(f"the delay line cannot use NFQUEUE ({exc.strerror or exc}); it needs root with "
                               "NET_ADMIN and the kernel's nfnetlink_queue module") from None
@@ -338,7 +341,8 @@ class DelayLine:
                 self.raw.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
             except OSError:
                 # Too big to send again (a datagram over the MTU that the kernel
-                # would have fragmented after this hook) or not IPv4: lost, counted.
+                # would have fragmented after this hook), or the send buffer is
+                # full: lost, and counted.
                 line.send_errors += 1
 
     # -- control ----------------------------------------------------------------

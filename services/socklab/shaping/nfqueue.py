@@ -252,7 +252,8 @@ class NfQueue:
     # Room for a burst of whole-packet copies (about 3,000 at wire size); when
     # it fills, the kernel drops and counts (socket_overflow), and says ENOBUFS.
     RCVBUF_BYTES = 8 << 20
-    RECV_BYTES = 1 << 16
+    # One message: a whole copy (up to COPY_WHOLE bytes) and its attributes.
+    RECV_BYTES = 1 << 17
     # Verdicts per datagram: well inside the socket's send buffer.
     SEND_BYTES = 1024 * VERDICT_BYTES
     _SO_RCVBUFFORCE = 33
