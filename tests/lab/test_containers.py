@@ -106,6 +106,13 @@ def test_changing_a_running_link_takes_effect(project):
     name = f"{project.name}-reshaped"
     project.run("client", "exec", "sleep", "600", env=env, detach=True, container_name=name)
     try:
+        # `run -d` returns when the container starts, before its entrypoint has shaped the link.
+        show = ["docker", "exec", name, "python3", "-m", "socklab", "shape", "show", "--json"]
+        deadline = time.monotonic() + 30
+        while json.loads(proc.run(show).stdout)["backend"] == "none":
+            assert time.monotonic() < deadline, "the container's link was never applied"
+            time.sleep(0.2)
+
         def goodput_bps() -> float:
             argv = ["docker", "exec", "-u", "socklab", name, "python3", "-m", "socklab",
                     *bulk_client(megabytes=12)]
