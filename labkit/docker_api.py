@@ -19,7 +19,7 @@ import docker.errors
 import requests.exceptions
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from socklab.errors import EngineError
+from socklab.errors import EngineError, SocklabError
 
 from .compose import LAB_LABEL
 
@@ -30,6 +30,10 @@ NUMBER_LABEL = "com.docker.compose.container-number"
 
 class LabEngineError(EngineError):
     """The Docker engine could not do what the lab asked; the message says what."""
+
+
+class ContainerGone(SocklabError):
+    """A container of the case vanished (removed from outside): the case fails, the run goes on."""
 
 
 def _transient(exc: BaseException) -> bool:
@@ -104,7 +108,8 @@ class DockerAPI:
         try:
             res = self._client.containers.get(container.id).exec_run(list(argv), user=user, demux=False)
         except docker.errors.NotFound:
-            raise LabEngineError(f"container {container.name} is gone") from None
+            raise ContainerGone(f"container {container.name} disappeared while its case ran "
+                                "(removed from outside the run?)") from None
         except docker.errors.APIError as exc:
             if _transient(exc):
                 raise
@@ -115,6 +120,8 @@ class DockerAPI:
         """What the container printed (stdout; with stderr too unless told not)."""
         try:
             raw = self._client.containers.get(container.id).logs(stdout=True, stderr=stderr)
+        except docker.errors.NotFound:
+            return ""  # removed from outside: nothing left to read
         except docker.errors.DockerException as exc:
             raise _convert(f"read the logs of {container.name}", exc) from None
         return raw.decode("utf-8", "replace")
@@ -125,6 +132,8 @@ class DockerAPI:
             return int(self._client.containers.get(container.id).wait(timeout=timeout_s)["StatusCode"])
         except requests.exceptions.ConnectionError:
             return None  # the SDK signals a wait timeout as a read timeout
+        except docker.errors.NotFound:
+            return None
         except docker.errors.DockerException as exc:
             raise _convert(f"wait for {container.name}", exc) from None
 
@@ -132,6 +141,9 @@ class DockerAPI:
         """The container's State object (Status, ExitCode, ...)."""
         try:
             return self._client.api.inspect_container(container.id)["State"]
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container.name} disappeared while its case ran "
+                                "(removed from outside the run?)") from None
         except docker.errors.DockerException as exc:
             raise _convert(f"inspect {container.name}", exc) from None
 

@@ -87,3 +87,4 @@ def test_report_shows_each_case_and_each_expectation():
     assert "| `sender.mode=nonblocking` | 1 | 400 |" in text
     assert "shaping backend: netem" in text
     assert text.count("— held") == 3
+
