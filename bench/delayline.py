@@ -208,12 +208,14 @@ def main() -> int:
             throughput = carried(lab, 2 * max(broken, default=FIRST_MBIT))
         finally:
             lab.down()
-    enough = [m for m in throughput if "error" not in m and m["goodput_ratio"] >= GOODPUT_FLOOR]
+    every_try = [t for m in measurements for t in m["tries"]] + throughput
+    measured = [t for t in every_try if "error" not in t]
     summary = {
         "highest_sustained_mbit": max(sustained, default=None),
         "lowest_broken_mbit": min(broken, default=None),
-        "most_carried_mbit": max((m["goodput_mbit"] for m in throughput if "error" not in m), default=None),
-        "highest_rate_carried_mbit": max((m["rate_mbit"] for m in enough), default=None),
+        "most_carried_mbit": max((t["goodput_mbit"] for t in measured), default=None),
+        "highest_rate_carried_mbit": max((t["rate_mbit"] for t in measured if t["goodput_ratio"] >= GOODPUT_FLOOR),
+                                         default=None),
         "criteria": {"delay_ms_each_way": DELAY_MS, "round_trip_ms": ROUND_TRIP_MS, "rtt_error_max": RTT_TOLERANCE,
                      "goodput_ratio_min": GOODPUT_FLOOR, "iperf3_seconds": SECONDS,
                      "tries_per_rate": TRIES, "sustained_when": "most tries meet both"},
