@@ -23,6 +23,7 @@ from typing import Sequence
 import yaml
 
 import socklab
+from socklab.cli import ArgumentParser
 from socklab.errors import EngineError, SocklabError, UsageError
 
 from . import proc, records, report, scenario
@@ -33,11 +34,6 @@ from .matrix import Case, expand_cases, expand_runs
 CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_OUT = REPO_ROOT / "results"
 BUILD_PROJECT = "socklab-build"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def _say(text: str = "") -> None:
@@ -64,12 +60,18 @@ def _print_cases(cases: Sequence[Case]) -> None:
         _say(f"  {case.index + 1:>3}. {case.id}  (x{case.repetitions})")
 
 
-def cmd_check(args) -> int:
-    """Validate an experiment and print its cases."""
-    experiment = _load(args.config, args.set)
+def _checked_cases(experiment) -> list[Case]:
+    """The experiment's cases, each one a lab can run (bad input raises UsageError)."""
     cases = expand_cases(experiment)
     for case in cases:
         scenario.server_workload(case.experiment)
+    return cases
+
+
+def cmd_check(args) -> int:
+    """Validate an experiment and print its cases."""
+    experiment = _load(args.config, args.set)
+    cases = _checked_cases(experiment)
     _say(f"{args.config}: experiment {experiment.name} is valid")
     _print_cases(cases)
     return 0
@@ -162,9 +164,7 @@ def cmd_run(args) -> int:
         if not args.config:
             raise UsageError("lab.py run: give an experiment file (CONFIG.yaml) or --resume RUN_DIR")
         experiment = _load(args.config, overrides)
-    cases = expand_cases(experiment)
-    for case in cases:
-        scenario.server_workload(case.experiment)
+    cases = _checked_cases(experiment)
     if args.dry_run:
         return _dry_run(cases)
 
@@ -342,9 +342,9 @@ def cmd_clean(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """lab.py's argument parser."""
-    parser = _Parser(prog="lab.py", description="socklab: blocking vs non-blocking socket I/O on real links")
+    parser = ArgumentParser(prog="lab.py", description="socklab: blocking vs non-blocking socket I/O on real links")
     parser.add_argument("--debug", action="store_true", help="log every command; tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("run", help="run an experiment")
     p.add_argument("config", nargs="?")
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("link", help="show or change a running lab's links")
     p.add_argument("--project", default="socklab", help="Compose project (default socklab)")
-    link_sub = p.add_subparsers(dest="link_command", required=True, parser_class=_Parser)
+    link_sub = p.add_subparsers(dest="link_command", required=True, parser_class=ArgumentParser)
     q = link_sub.add_parser("show")
     q.add_argument("service", nargs="?")
     q.add_argument("--json", action="store_true")

@@ -24,8 +24,6 @@ import yaml
 
 from socklab.errors import UsageError
 
-SCHEMA = 1
-RUN_FILES = ("experiment.yaml", "meta.json", "cases.jsonl", "summary.csv", "report.md")
 
 
 class RunDir:
