@@ -99,10 +99,19 @@ def test_delay_fidelity_rtt_from_tcp_info_and_ping_pong(project, tmp_path):
     assert not failures, "\n".join(failures)
 
 
+# Four checks against 99 % intervals would fail about one run in 25 by chance
+# alone; with the draws seeded, a failure means a counting fault. TCP offers a
+# few more or fewer packets from run to run (the ACKs of the down direction
+# hundreds), so the seed is one whose running loss count stays inside the
+# interval at every packet count from 200 to 4000, at both rates, both ways.
+LOSS_SEED = "42"
+
+
 @pytest.mark.parametrize("loss_pct", [1, 5])
 def test_loss_is_counted_binomially_and_tcp_retransmits(project, tmp_path, loss_pct):
     lab = with_server(project, tmp_path)
-    results = client(lab, {"LOSS": f"{loss_pct}%"}, "--mode", "blocking", "--workload", "bulk", "--bytes", "2MB")
+    results = client(lab, {"LOSS": f"{loss_pct}%", "SEED": LOSS_SEED},
+                     "--mode", "blocking", "--workload", "bulk", "--bytes", "2MB")
     assert results["client"]["bytes_delivered"] == 2_000_000
     retrans = results["client"]["tcp"]["retrans"]
     print(f"loss {loss_pct}%: client tcp.retrans {retrans}")

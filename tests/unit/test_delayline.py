@@ -19,6 +19,7 @@ from socklab.errors import UsageError
 from socklab.shaping import LinkSpec, build_plan, link_spec_from_mapping
 from socklab.shaping import nfqueue as nq
 from socklab.shaping.delayline import HELD, LOST, OVERFLOW, QUEUES, RESEND_MARK, DelayLine, DelayQueue, LineConfig
+from socklab.shaping.commands import _parser
 from socklab.shaping.plan import (
     delay_line_rules,
     delayline_command,
@@ -204,6 +205,16 @@ def test_change_retunes_in_place_or_asks_for_a_rebuild():
     assert userspace_change(old, link_spec_from_mapping({"delay": "20ms"}), "eth0", "ifb0") is None
 
 
+def test_a_seed_goes_to_the_delay_lines_start_as_one_word_that_the_command_line_reads_back():
+    spec = link_spec_from_mapping({"loss": "1%"})
+    word = "delay_ms=0.0,jitter_ms=0.0,loss_pct=1.0,limit_pkts=1000"
+    assert build_plan(spec, "userspace", seed=-5)[0] == [*DELAYLINE, "start", "--up", word, "--down", word, "--seed=-5"]
+    assert build_plan(spec, "userspace")[0] == [*DELAYLINE, "start", "--up", word, "--down", word]
+    assert build_plan(spec, "netem", seed=42) == build_plan(spec, "netem")
+    args = _parser().parse_args(build_plan(spec, "userspace", seed=-5)[0][len(DELAYLINE) - 1:])
+    assert (args.action, args.seed) == ("start", "-5")
+
+
 def test_line_config_round_trips_through_its_word_and_refuses_nonsense():
     config = LineConfig(delay_ms=1234.567, jitter_ms=0.5, loss_pct=0.01, limit_pkts=7)
     assert LineConfig.from_word(config.to_word()) == config
@@ -289,6 +300,24 @@ def test_loss_count_is_binomial(loss_pct):
     low, high = binomial_interval(n, loss_pct / 100)
     assert low <= q.lost <= high, (q.lost, low, high)
     assert q.lost + len(q) == n
+
+
+def _loss_decisions(seed, directions=("up", "down"), packets=300):
+    line = DelayLine({d: LineConfig(loss_pct=50) for d in directions}, seed=seed)
+    return {d: [line.lines[d].queue.offer(i * 1e-3, i, 100) for i in range(packets)] for d in directions}
+
+
+def test_a_seed_repeats_each_directions_loss_draws():
+    first = _loss_decisions(42)
+    assert {LOST, HELD} <= set(first["up"]) and {LOST, HELD} <= set(first["down"])
+    assert _loss_decisions(42) == first
+    # Up and down draw different sequences, and a direction's own does not
+    # depend on whether the other direction runs at all.
+    assert first["up"] != first["down"]
+    assert _loss_decisions(42, ("up",))["up"] == first["up"]
+    assert _loss_decisions(43) != first
+    # Without a seed every delay line draws afresh (two equal runs: 2**-600).
+    assert _loss_decisions(None) != _loss_decisions(None)
 
 
 # --- the delay line's verdicts and copies, with fake sockets --------------------------

@@ -38,6 +38,7 @@ from socklab.shaping import (
     probe_capabilities,
     run,
     set_link,
+    seed_from_env,
     show_link,
 )
 from socklab.shaping.plan import qdisc_teardown
@@ -136,6 +137,35 @@ def test_bad_environment_names_the_variable(environ, message):
     assert str(err.value).startswith(message)
     with pytest.raises(UsageError, match=r"^SOCKLAB_LINK_BACKEND: 'tc' is not a shaping backend: use auto, netem, userspace"):
         backend_from_env({"SOCKLAB_LINK_BACKEND": "tc"})
+
+
+SEED_ALLOWED = "is not a seed: use an integer such as 42, or leave it unset for different draws on every run"
+
+
+def test_seed_is_an_integer_setting_of_its_own():
+    assert seed_from_env({}) is None
+    assert seed_from_env({"SOCKLAB_LINK_SEED": " "}) is None
+    assert seed_from_env({"SOCKLAB_LINK_SEED": " 42 "}) == 42
+    assert seed_from_env({"SOCKLAB_LINK_SEED": "-7"}) == -7
+    # Known, so not refused as a misspelt link value, and it shapes nothing.
+    assert link_spec_from_env({"SOCKLAB_LINK_SEED": "42"}) == LinkSpec()
+
+
+@pytest.mark.parametrize("value", ["forty-two", "4.2", "1e3", "1_000", "0x10", "\u0664\u0662", "42 43"])
+def test_a_bad_seed_names_the_variable_and_what_is_allowed(value):
+    with pytest.raises(UsageError) as err:
+        seed_from_env({"SOCKLAB_LINK_SEED": value})
+    assert str(err.value) == f"SOCKLAB_LINK_SEED: {value!r} {SEED_ALLOWED}"
+    assert err.value.exit_code == 2
+
+
+def test_a_bad_seed_stops_the_command_with_one_sentence_and_exit_code_2():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOCKLAB_")}
+    env.update({"PYTHONPATH": str(SERVICES), "SOCKLAB_LINK_LOSS": "1%", "SOCKLAB_LINK_SEED": "forty-two"})
+    done = subprocess.run([sys.executable, "-m", "socklab", "shape", "plan", "--from-env"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"socklab: SOCKLAB_LINK_SEED: 'forty-two' {SEED_ALLOWED}\n"
 
 
 def test_assignments_set_both_directions_or_one():
@@ -567,6 +597,43 @@ def test_apply_from_env_uses_every_setting(tmp_path):
         ["tc", "qdisc", "add", "dev", "eth1", "root", "handle", "1:", "tbf", "rate", "2mbit", "burst", "15140",
          "limit", "24224"]]
     assert json.loads((tmp_path / "l.json").read_text())["dev"] == "eth1"
+
+
+def _starts(fake):
+    return [c for c in fake.changing() if c[:6] == ["python3", "-m", "socklab", "shape", "delayline", "start"]]
+
+
+def test_apply_from_env_seeds_the_delay_line_and_a_rebuild_keeps_the_seed(tmp_path):
+    fake = FakeKernel()
+    environ = {"SOCKLAB_LINK_LOSS": "1%", "SOCKLAB_LINK_BACKEND": "userspace", "SOCKLAB_LINK_SEED": "42",
+               "SOCKLAB_LINK_STATE": str(tmp_path / "l.json")}
+    apply_from_env(environ, fake)
+    assert [c[-1] for c in _starts(fake)] == ["--seed=42"]
+    # The up direction leaves the delay line, which therefore starts again.
+    result = set_link(changes_from_assignments(["up.loss=0"])[0], runner=fake, state_path=tmp_path / "l.json")
+    assert result["method"] == "rebuilt"
+    assert [c[-1] for c in _starts(fake)] == ["--seed=42", "--seed=42"]
+    # Unset: unseeded, as before the setting existed.
+    unseeded = FakeKernel()
+    apply_from_env({**environ, "SOCKLAB_LINK_SEED": ""}, unseeded)
+    assert [c for c in _starts(unseeded) if any(w.startswith("--seed") for w in c)] == []
+    assert len(_starts(unseeded)) == 1
+
+
+def test_a_bad_seed_touches_nothing(tmp_path):
+    fake = FakeKernel()
+    with pytest.raises(UsageError, match="^SOCKLAB_LINK_SEED: '0.5' is not a seed"):
+        apply_from_env({"SOCKLAB_LINK_LOSS": "1%", "SOCKLAB_LINK_SEED": "0.5",
+                        "SOCKLAB_LINK_STATE": str(tmp_path / "l.json")}, fake)
+    assert fake.calls == [] and not (tmp_path / "l.json").exists()
+
+
+def test_delayline_seed_is_for_start_only_and_must_be_an_integer(tmp_path):
+    environ = {"SOCKLAB_LINK_STATE": str(tmp_path / "link.json")}
+    with pytest.raises(UsageError, match=f"^--seed: 'x' {SEED_ALLOWED}$"):
+        main(["delayline", "start", "--up", "loss_pct=1.0", "--seed", "x"], environ=environ, runner=FakeKernel())
+    with pytest.raises(UsageError, match="^shape delayline set: --seed is fixed when the delay line starts"):
+        main(["delayline", "set", "--up", "loss_pct=1.0", "--seed", "1"], environ=environ, runner=FakeKernel())
 
 
 def test_cli_plan_apply_set_show(tmp_path):

@@ -17,6 +17,7 @@ from .model import (
     changes_from_assignments,
     link_spec_from_env,
     link_spec_from_mapping,
+    seed_from_env,
 )
 from .plan import build_teardown
 from .runner import Runner, ShapingError, run
@@ -26,6 +27,6 @@ __all__ = [
     "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner", "UserspaceBackend",
     "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan", "build_teardown",
     "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
-    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "run", "set_link",
+    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "run", "seed_from_env", "set_link",
     "show_link", "stop_delay_line", "teardown",
 ]

@@ -26,8 +26,8 @@ class Backend(Protocol):
     def supports(self, spec: LinkSpec, caps: Capabilities) -> str | None:
         """None when this backend can shape ``spec`` here, else why not (one clause)."""
 
-    def plan(self, spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
-        """The commands that shape a freshly torn-down ``dev``."""
+    def plan(self, spec: LinkSpec, dev: str, ifb: str, seed: int | None = None) -> list[list[str]]:
+        """The commands that shape a freshly torn-down ``dev``; ``seed`` for random draws, if it makes any."""
 
     def plan_change(self, old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
         """Commands that turn ``old`` into ``new`` in place, or None if it must be rebuilt."""
@@ -51,8 +51,8 @@ class NetemBackend:
                 )
         return _ifb_problem(spec, caps) if spec.down.shaped else None
 
-    def plan(self, spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
-        """See plan.netem_tbf_plan."""
+    def plan(self, spec: LinkSpec, dev: str, ifb: str, seed: int | None = None) -> list[list[str]]:
+        """See plan.netem_tbf_plan. ``seed`` is not used: netem draws in the kernel, from its own generator."""
         return tcplan.netem_tbf_plan(spec, dev, ifb)
 
     def plan_change(self, old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
@@ -80,9 +80,9 @@ class UserspaceBackend:
         # Down is delayed after the ingress hook, so only a down rate needs ifb.
         return _ifb_problem(spec, caps) if spec.down.rate_bps is not None else None
 
-    def plan(self, spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
+    def plan(self, spec: LinkSpec, dev: str, ifb: str, seed: int | None = None) -> list[list[str]]:
         """See plan.userspace_plan."""
-        return tcplan.userspace_plan(spec, dev, ifb)
+        return tcplan.userspace_plan(spec, dev, ifb, seed)
 
     def plan_change(self, old: LinkSpec, new: LinkSpec, dev: str, ifb: str) -> list[list[str]] | None:
         """See plan.userspace_change."""
@@ -151,11 +151,13 @@ def choose_backend(requested: str, caps: Capabilities, spec: LinkSpec) -> Backen
     raise EngineError(sentence)
 
 
-def build_plan(spec: LinkSpec, backend: str | Backend = "netem", dev: str = "eth0", ifb: str = "ifb0") -> list[list[str]]:
+def build_plan(
+    spec: LinkSpec, backend: str | Backend = "netem", dev: str = "eth0", ifb: str = "ifb0", seed: int | None = None,
+) -> list[list[str]]:
     """The argv lists that shape a freshly torn-down ``dev`` (and ``ifb`` for down).
 
     Pure: runs nothing. An unshaped direction adds nothing; an unshaped link
-    gives [].
+    gives []. ``seed`` seeds the userspace delay line's draws.
     """
     chosen = get_backend(backend) if isinstance(backend, str) else backend
-    return chosen.plan(spec, dev, ifb)
+    return chosen.plan(spec, dev, ifb, seed)

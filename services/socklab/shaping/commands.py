@@ -26,6 +26,8 @@ from .model import (
     backend_from_env,
     changes_from_assignments,
     changes_from_env,
+    parse_seed,
+    seed_from_env,
 )
 from .plan import (
     CHAINS,
@@ -67,6 +69,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
     try:
         state = json.loads(text)
         LinkSpec.from_dict(state["applied"])
+        if state.get("seed") is not None:
+            parse_seed(state["seed"], "seed")
         return state
     except (ValueError, KeyError, TypeError, UsageError) as exc:
         raise EngineError(f"{path}: not a socklab link state file ({exc}); remove it and apply again") from None
@@ -176,6 +180,7 @@ def apply_spec(
     state_path: Path | str = DEFAULT_STATE_PATH,
     caps: Capabilities | None = None,
     method: str = "applied",
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Shape ``dev`` as ``spec`` says, from scratch, and remember it in the state file.
 
@@ -183,7 +188,8 @@ def apply_spec(
     anything is touched, so a link the kernel cannot do fails with EngineError
     and leaves the current shaping as it was. If a command fails half way, the
     half-built shaping is removed and the error raised: never a silently
-    unshaped or half-shaped link. ``method`` is the word the summary uses.
+    unshaped or half-shaped link. ``method`` is the word the summary uses;
+    ``seed`` seeds the delay line's draws (None: unseeded).
     Returns the summary dict (see ``_record``).
     """
     _check_ifname(dev, "device")
@@ -194,14 +200,14 @@ def apply_spec(
         caps = caps or probe_capabilities(runner)
         backend = choose_backend(requested_backend, caps, spec)
         backend_name = backend.name
-        commands = backend.plan(spec, dev, ifb)
+        commands = backend.plan(spec, dev, ifb, seed)
     teardown(runner, dev, ifb)
     try:
         _run_all(runner, commands)
     except ShapingError:
         teardown(runner, dev, ifb)
         raise
-    return _record(Path(state_path), spec, backend_name, dev, ifb, caps, commands, method, requested_backend)
+    return _record(Path(state_path), spec, backend_name, dev, ifb, caps, commands, method, requested_backend, seed)
 
 
 def _record(
@@ -214,12 +220,14 @@ def _record(
     commands: list[list[str]],
     method: str,
     requested: str = "auto",
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Write the state file; return {backend, dev, ifb, applied, commands, method, summary}.
 
     The state also keeps the backend that was asked for, so that a later
     ``set`` chooses again the same way (an 'auto' link that gains a delay may
-    need another backend than its rate alone did).
+    need another backend than its rate alone did), and the seed, so that a
+    ``set`` that rebuilds the link starts its delay line seeded as before.
     """
     result = {
         "backend": backend,
@@ -232,7 +240,7 @@ def _record(
     }
     # Capabilities do not change during a container's life: `set` reuses them
     # instead of probing again in the middle of a running case.
-    write_state(path, {**result, "requested": requested, "caps": caps.to_dict() if caps else None})
+    write_state(path, {**result, "requested": requested, "caps": caps.to_dict() if caps else None, "seed": seed})
     return result
 
 
@@ -264,27 +272,29 @@ def set_link(
     requested = requested_backend or state.get("requested") or (old_backend if old_backend != UNSHAPED else "auto")
     new = changes.resolve(current)
     caps = Capabilities.from_dict(state["caps"]) if state.get("caps") else None
+    seed = state.get("seed")
 
     if not new.shaped:
         if not current.shaped and state:
-            return _record(path, new, UNSHAPED, dev, ifb, caps, [], "unchanged", requested)
+            return _record(path, new, UNSHAPED, dev, ifb, caps, [], "unchanged", requested, seed)
         teardown(runner, dev, ifb)
-        return _record(path, new, UNSHAPED, dev, ifb, caps, [], "removed", requested)
+        return _record(path, new, UNSHAPED, dev, ifb, caps, [], "removed", requested, seed)
 
     caps = caps or probe_capabilities(runner)
     backend: Backend = choose_backend(requested, caps, new)
     if new == current and backend.name == old_backend:
-        return _record(path, new, backend.name, dev, ifb, caps, [], "unchanged", requested)
+        return _record(path, new, backend.name, dev, ifb, caps, [], "unchanged", requested, seed)
     if current.shaped and backend.name == old_backend:
         in_place = backend.plan_change(current, new, dev, ifb)
         if in_place is not None:
             try:
                 _run_all(runner, in_place)
-                return _record(path, new, backend.name, dev, ifb, caps, in_place, "changed in place", requested)
+                return _record(path, new, backend.name, dev, ifb, caps, in_place, "changed in place", requested, seed)
             except ShapingError as exc:
                 log.debug("in-place change failed (%s); rebuilding the link", exc)
     # The same request on the same capabilities chooses the same backend again.
-    return apply_spec(new, requested, runner=runner, dev=dev, ifb=ifb, state_path=path, caps=caps, method="rebuilt")
+    return apply_spec(new, requested, runner=runner, dev=dev, ifb=ifb, state_path=path, caps=caps, method="rebuilt",
+                      seed=seed)
 
 
 def show_link(
@@ -352,12 +362,15 @@ def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str
     """Apply the link that ``SOCKLAB_LINK_*`` describes (the container entrypoint's call).
 
     Reads the link values, SOCKLAB_LINK_BACKEND (auto|netem|userspace),
-    SOCKLAB_LINK_DEV (eth0), SOCKLAB_LINK_IFB (ifb0) and SOCKLAB_LINK_STATE.
+    SOCKLAB_LINK_DEV (eth0), SOCKLAB_LINK_IFB (ifb0), SOCKLAB_LINK_STATE and
+    SOCKLAB_LINK_SEED (the delay line's seed; unset: unseeded).
     Must run as root (NET_ADMIN). Raises UsageError for bad values and
     EngineError when the kernel cannot shape the link; returns the summary dict
     whose "summary" entry is a one-line description to print.
     """
     spec = changes_from_env(environ).resolve()
+    # Parsed before anything is touched, so a bad seed leaves the link as it was.
+    seed = seed_from_env(environ)
     state_path = state_path_from(environ)
     with changing(state_path):
         return apply_spec(
@@ -367,6 +380,7 @@ def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str
             dev=environ.get(ENV_DEV, "").strip() or DEFAULT_DEV,
             ifb=environ.get(ENV_IFB, "").strip() or DEFAULT_IFB,
             state_path=state_path,
+            seed=seed,
         )
 
 
@@ -409,6 +423,7 @@ def _parser() -> ArgumentParser:
     config_help = "delay_ms=N,jitter_ms=N,loss_pct=N,limit_pkts=N"
     line.add_argument("--up", metavar="CONFIG", help=f"the up direction's work: {config_help}")
     line.add_argument("--down", metavar="CONFIG", help=f"the down direction's work: {config_help}")
+    line.add_argument("--seed", metavar="N", help="start: seed the loss and jitter draws (default: unseeded)")
     return parser
 
 
@@ -417,8 +432,12 @@ def _delay_line_command(args: Any, state_path: Path) -> None:
     configs = {d: delayline.LineConfig.from_word(w) for d, w in (("up", args.up), ("down", args.down)) if w}
     if args.action in ("start", "set") and not configs:
         raise UsageError(f"shape delayline {args.action} needs --up or --down")
+    if args.seed is not None and args.action != "start":
+        raise UsageError(f"shape delayline {args.action}: --seed is fixed when the delay line starts, "
+                         "so it goes with start only")
     if args.action == "start":
-        pid = delayline.start(configs, state_path.with_name(DELAYLINE_LOG))
+        seed = parse_seed(args.seed, "--seed") if args.seed is not None else None
+        pid = delayline.start(configs, state_path.with_name(DELAYLINE_LOG), seed)
         work = ", ".join(f"{d} {c.to_word()}" for d, c in configs.items())
         print(f"delay line running (pid {pid}): {work}")
     elif args.action == "set":
@@ -432,18 +451,20 @@ def _delay_line_command(args: Any, state_path: Path) -> None:
         print(json.dumps(delayline.stop()))
 
 
-def _wanted(args: Any, environ: Mapping[str, str]) -> tuple[LinkSpec, str, str, str]:
-    """(spec, backend, dev, ifb) for apply/plan: environment first, then KEY=VALUE on top."""
+def _wanted(args: Any, environ: Mapping[str, str]) -> tuple[LinkSpec, str, str, str, int | None]:
+    """(spec, backend, dev, ifb, seed) for apply/plan: environment first, then KEY=VALUE on top."""
     words, backend = changes_from_assignments(args.assignments)
     changes = LinkChanges()
     env_backend = "auto"
+    seed = None
     if args.from_env:
         changes = changes_from_env(environ)
         env_backend = backend_from_env(environ)
+        seed = seed_from_env(environ)
     spec = changes.overlay(words).resolve()
     dev = args.dev or (args.from_env and environ.get(ENV_DEV, "").strip()) or DEFAULT_DEV
     ifb = args.ifb or (args.from_env and environ.get(ENV_IFB, "").strip()) or DEFAULT_IFB
-    return spec, backend or env_backend, dev, ifb
+    return spec, backend or env_backend, dev, ifb, seed
 
 
 def _print_qdiscs(shown: Mapping[str, Any]) -> None:
@@ -483,9 +504,10 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: 
     state_path = state_path_from(environ, args.state)
 
     if args.command == "apply":
-        spec, backend, dev, ifb = _wanted(args, environ)
+        spec, backend, dev, ifb, seed = _wanted(args, environ)
         with changing(state_path):
-            print(apply_spec(spec, backend, runner=runner, dev=dev, ifb=ifb, state_path=state_path)["summary"])
+            print(apply_spec(spec, backend, runner=runner, dev=dev, ifb=ifb, state_path=state_path,
+                             seed=seed)["summary"])
     elif args.command == "set":
         changes, backend = changes_from_assignments(args.assignments)
         with changing(state_path):
@@ -503,8 +525,9 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None, runner: 
         found = probe_capabilities(runner)
         print(json.dumps(found.to_dict()) if args.json else found.describe())
     else:
-        spec, backend, dev, ifb = _wanted(args, environ)
-        commands = get_backend(backend).plan(spec, _check_ifname(dev, "device"), _check_ifname(ifb, "ifb device"))
+        spec, backend, dev, ifb, seed = _wanted(args, environ)
+        commands = get_backend(backend).plan(spec, _check_ifname(dev, "device"), _check_ifname(ifb, "ifb device"),
+                                             seed)
         if args.json:
             print(json.dumps(commands))
         elif not commands:

@@ -200,6 +200,16 @@ class DelayQueue:
         }
 
 
+def draws(seed: int | None, direction: str) -> random.Random:
+    """The generator of one direction's loss and jitter draws; unseeded (from the OS) when ``seed`` is None.
+
+    Each direction gets its own, seeded with the direction too: up and down
+    then draw different sequences, and neither's depends on how the other's
+    packets interleave with it, so a seeded link repeats its decisions.
+    """
+    return random.Random(None if seed is None else f"{seed}:{direction}")
+
+
 @dataclass
 class _Line:
     queue_num: int
@@ -212,13 +222,14 @@ class _Line:
 class DelayLine:
     """The running delay line: NFQUEUE socket, raw socket for copies, control socket."""
 
-    def __init__(self, configs: Mapping[str, LineConfig], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, configs: Mapping[str, LineConfig], clock: Callable[[], float] = time.monotonic,
+                 seed: int | None = None) -> None:
         if not configs or set(configs) - set(QUEUES):
             raise UsageError(f"the delay line needs directions among {', '.join(QUEUES)}, got {sorted(configs)}")
-        rng = random.Random()
         self.clock = clock
         self.lines = {
-            direction: _Line(QUEUES[direction], DelayQueue(config, rng.random), copies=direction == "up")
+            direction: _Line(QUEUES[direction], DelayQueue(config, draws(seed, direction).random),
+                             copies=direction == "up")
             for direction, config in configs.items()
         }
         self._by_queue = {line.queue_num: line for line in self.lines.values()}
@@ -466,14 +477,15 @@ def ask(request: Mapping[str, Any], timeout_s: float = CONTROL_TIMEOUT_S) -> dic
     return answer
 
 
-def start(configs: Mapping[str, LineConfig], log_path: Path) -> int:
+def start(configs: Mapping[str, LineConfig], log_path: Path, seed: int | None = None) -> int:
     """Start the delay line in the background; return its pid once its queues are bound.
 
+    ``seed`` makes its loss and jitter draws repeat from run to run (see ``draws``).
     The daemon leaves this process's session and output (so that whoever ran
     this command, through ``runner.run``, is not kept waiting for it) and logs
     to ``log_path``. Raises EngineError if it could not start.
     """
-    line = DelayLine(configs)
+    line = DelayLine(configs, seed=seed)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -10,6 +10,7 @@ state, results) works on resolved shapes only.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -202,6 +203,19 @@ def parse_backend(value: object, label: str) -> str:
     return text
 
 
+_SEED_ALLOWED = "an integer such as 42, or leave it unset for different draws on every run"
+
+
+def parse_seed(value: object, label: str) -> int:
+    """A delay-line seed: an int or its decimal digits (optionally signed); else a UsageError naming ``label``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    # int() alone would also take '1_000' or non-ASCII digits, which no one means as a seed.
+    if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        return int(value.strip())
+    raise UsageError(f"{label}: {value!r} is not a seed: use {_SEED_ALLOWED}")
+
+
 @dataclass
 class LinkChanges:
     """Parsed but unresolved link values: top-level ones and per-direction ones.
@@ -303,7 +317,8 @@ ENV_BACKEND = ENV_PREFIX + "BACKEND"
 ENV_DEV = ENV_PREFIX + "DEV"
 ENV_IFB = ENV_PREFIX + "IFB"
 ENV_STATE = ENV_PREFIX + "STATE"
-_ENV_SETTINGS = (ENV_BACKEND, ENV_DEV, ENV_IFB, ENV_STATE)
+ENV_SEED = ENV_PREFIX + "SEED"
+_ENV_SETTINGS = (ENV_BACKEND, ENV_DEV, ENV_IFB, ENV_STATE, ENV_SEED)
 
 
 def _env_name(direction: str | None, key: str) -> str:
@@ -342,6 +357,12 @@ def backend_from_env(environ: Mapping[str, str]) -> str:
     """``SOCKLAB_LINK_BACKEND`` (auto|netem|userspace), 'auto' when unset or empty."""
     value = environ.get(ENV_BACKEND, "").strip()
     return parse_backend(value, ENV_BACKEND) if value else "auto"
+
+
+def seed_from_env(environ: Mapping[str, str]) -> int | None:
+    """``SOCKLAB_LINK_SEED``: the delay line's seed, or None (unseeded) when unset or empty."""
+    value = environ.get(ENV_SEED, "").strip()
+    return parse_seed(value, ENV_SEED) if value else None
 
 
 def changes_from_assignments(words: list[str]) -> tuple[LinkChanges, str | None]:

@@ -233,12 +233,16 @@ def line_configs(spec: LinkSpec) -> dict[str, LineConfig]:
     }
 
 
-def delayline_command(verb: str, configs: dict[str, LineConfig]) -> list[str]:
-    """``python3 -m socklab shape delayline start|set --up WORD --down WORD``."""
+def delayline_command(verb: str, configs: dict[str, LineConfig], seed: int | None = None) -> list[str]:
+    """``python3 -m socklab shape delayline start|set --up WORD --down WORD``, and ``--seed=N`` when given."""
     argv = [*DELAYLINE_COMMAND, verb]
     for direction in DIRECTIONS:
         if direction in configs:
             argv += [f"--{direction}", configs[direction].to_word()]
+    if seed is not None:
+        # One word: after a separate --seed, argparse takes '-5' for a value only
+        # as long as the parser has no option that looks like a negative number.
+        argv.append(f"--seed={seed}")
     return argv
 
 
@@ -282,13 +286,16 @@ def delay_line_teardown(dev: str) -> list[list[str]]:
     return [*commands, [*DELAYLINE_COMMAND, "stop"]]
 
 
-def userspace_plan(spec: LinkSpec, dev: str, ifb: str) -> list[list[str]]:
-    """tbf for rate as in the netem plan, then the delay line, then the rules that feed it."""
+def userspace_plan(spec: LinkSpec, dev: str, ifb: str, seed: int | None = None) -> list[list[str]]:
+    """tbf for rate as in the netem plan, then the delay line, then the rules that feed it.
+
+    ``seed`` seeds the delay line's draws (None: unseeded).
+    """
     round_trip_s = spec.round_trip_ms() / 1000
     commands = qdisc_plan(rate_only(spec.up), rate_only(spec.down), dev, ifb, round_trip_s)
     configs = line_configs(spec)
     if configs:
-        commands.append(delayline_command("start", configs))
+        commands.append(delayline_command("start", configs, seed))
         commands += delay_line_rules(configs, dev)
     return commands
 
