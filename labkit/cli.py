@@ -190,7 +190,7 @@ def cmd_run(args) -> int:
     done = rundir.done()
     todo = [(c, r) for c, r in expand_runs(cases) if (c.id, r) not in done]
     total = len(expand_runs(cases))
-    runner = CaseRunner(api, rundir, lambda text: None, trace=not args.no_trace)
+    runner = CaseRunner(api, rundir, lambda text: None, trace=not args.no_trace, reuse=args.reuse)
     started = time.monotonic()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -210,6 +210,7 @@ def cmd_run(args) -> int:
         _finish(rundir, meta)
         return 1
     finally:
+        runner.close()
         signal.signal(signal.SIGTERM, previous)
     _finish(rundir, meta)
     all_records = rundir.read_cases()
@@ -354,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--no-trace", action="store_true", help="do not record socket-call traces")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep containers between consecutive cases that have the same containers and links "
+                        "(each case's roles run by docker exec; the link is applied afresh for each)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate an experiment, print its cases")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -116,6 +117,26 @@ class DockerAPI:
             raise _convert(f"run {' '.join(argv)} in {container.name}", exc) from None
         return res.exit_code, (res.output or b"").decode("utf-8", "replace")
 
+    def start_exec(self, container: LabContainer, argv: Sequence[str], env: dict[str, str] | None = None) -> "ExecJob":
+        """Start ``argv`` in a running container (as its user) and collect its output in the background."""
+        try:
+            exec_id = self._client.api.exec_create(container.id, list(argv), environment=env or None)["Id"]
+            stream = self._client.api.exec_start(exec_id, stream=True, demux=True)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container.name} disappeared while its case ran "
+                                "(removed from outside the run?)") from None
+        except docker.errors.DockerException as exc:
+            raise _convert(f"run {' '.join(argv)} in {container.name}", exc) from None
+        return ExecJob(self, container, exec_id, stream)
+
+    def exec_exit_code(self, exec_id: str) -> int | None:
+        """The exit status of a finished exec; None while it runs."""
+        try:
+            found = self._client.api.exec_inspect(exec_id)
+        except docker.errors.DockerException as exc:
+            raise _convert("inspect a command run in a container", exc) from None
+        return None if found.get("Running") else found.get("ExitCode")
+
     def logs(self, container: LabContainer, stderr: bool = True) -> str:
         """What the container printed (stdout; with stderr too unless told not)."""
         try:
@@ -216,6 +237,47 @@ class DockerAPI:
             raise _convert("report its version", exc) from None
         return {"engine": v.get("Version", ""), "api": v.get("ApiVersion", ""),
                 "kernel": v.get("KernelVersion", "")}
+
+
+class ExecJob:
+    """A command running in a container (see :meth:`DockerAPI.start_exec`), read by a thread."""
+
+    def __init__(self, api: DockerAPI, container: LabContainer, exec_id: str, stream):
+        self.api = api
+        self.container = container
+        self.exec_id = exec_id
+        self._stdout: list[bytes] = []
+        self._stderr: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream) -> None:
+        try:
+            for out, err in stream:
+                if out:
+                    self._stdout.append(out)
+                if err:
+                    self._stderr.append(err)
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            pass  # the container went away: what was read is what there is
+
+    def running(self) -> bool:
+        """Whether the command has not finished (its output is still open)."""
+        return self._reader.is_alive()
+
+    def wait(self, timeout_s: float) -> int | None:
+        """The command's exit status, or None if it still runs after ``timeout_s``."""
+        self._reader.join(timeout_s)
+        return None if self._reader.is_alive() else self.api.exec_exit_code(self.exec_id)
+
+    @property
+    def stdout(self) -> str:
+        return b"".join(self._stdout).decode("utf-8", "replace")
+
+    @property
+    def output(self) -> str:
+        """Everything it printed, stderr after stdout."""
+        return self.stdout + b"".join(self._stderr).decode("utf-8", "replace")
 
 
 def names(containers: Iterable[LabContainer]) -> list[str]:

@@ -1,18 +1,30 @@
-"""Running cases on real containers, one Compose project per case.
+"""Running cases on real containers: one Compose project per case, or kept between cases.
 
 The lifecycle of a case: write its override file, start the server and wait
 until it listens, start the client groups, apply the schedule's link changes
 on time, wait for the clients (up to the case's timeout), stop the server with
 SIGTERM so it prints its result, collect every result line, link report and
 trace, and tear the project down — always, whatever happened.
+
+With ``reuse``, consecutive cases whose containers would be the same (same
+services, replicas and links; only the roles' arguments differ) share one
+project: its containers run ``entry hold`` and each case runs every role
+through ``docker exec ... entry ROLE``, which shapes the link afresh, flushes
+the TCP metrics cache and removes the link again afterwards (see entry.py).
+Each role is a *handle* (a container's main process, or an exec in a kept
+container) behind one small interface, so the lifecycle above is written once.
+A case that does not end ok takes its project down: nothing is reused after a
+failure.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
+import shlex
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import yaml
 
@@ -21,13 +33,95 @@ from socklab.results import find_results
 
 from . import records, scenario
 from .compose import COMPOSE_FILE, ComposeProject
-from .docker_api import DockerAPI, LabContainer
+from .docker_api import DockerAPI, ExecJob, LabContainer
 from .matrix import Case
 from .rundir import RunDir, trace_name
 
 POLL_S = 0.2
 SERVER_STOP_S = 15.0
 Progress = Callable[[str], None]
+# Where a kept server container's role writes its process id, so it can be stopped.
+SERVER_PID_PATH = "/run/socklab/server.pid"
+LISTENING = ["sh", "-c", f"ss -ltnH 'sport = :{scenario.SERVER_PORT}' | grep -q ."]
+
+
+class RoleHandle(Protocol):
+    """A role of a case as the lifecycle sees it, wherever it runs."""
+
+    container: LabContainer
+
+    def running(self) -> bool: ...
+    def exit_code(self) -> int | None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout_s: float) -> None: ...
+    def stdout(self) -> str: ...
+    def output(self) -> str: ...
+
+
+@dataclass
+class ContainerRole:
+    """A role that is its container's main process (a container per case)."""
+
+    api: DockerAPI
+    container: LabContainer
+
+    def running(self) -> bool:
+        return bool(self.api.state(self.container).get("Running"))
+
+    def exit_code(self) -> int | None:
+        return self.api.state(self.container).get("ExitCode")
+
+    def stop(self) -> None:
+        self.api.kill(self.container, "SIGTERM")
+
+    def wait(self, timeout_s: float) -> None:
+        self.api.wait(self.container, timeout_s)
+
+    def stdout(self) -> str:
+        return self.api.logs(self.container, stderr=False)
+
+    def output(self) -> str:
+        return self.api.logs(self.container)
+
+
+@dataclass
+class ExecRole:
+    """A role run by `docker exec` in a kept container."""
+
+    api: DockerAPI
+    job: ExecJob
+    stop_argv: list[str] | None = None
+
+    @property
+    def container(self) -> LabContainer:
+        return self.job.container
+
+    def running(self) -> bool:
+        return self.job.running()
+
+    def exit_code(self) -> int | None:
+        return self.job.wait(0)
+
+    def stop(self) -> None:
+        if self.stop_argv and self.job.running():
+            self.api.exec(self.container, self.stop_argv)
+
+    def wait(self, timeout_s: float) -> None:
+        self.job.wait(timeout_s)
+
+    def stdout(self) -> str:
+        return self.job.stdout
+
+    def output(self) -> str:
+        return self.job.output
+
+
+@dataclass
+class _KeptProject:
+    """A project whose containers outlive a case, and what they were made for."""
+
+    project: ComposeProject
+    key: str
 
 
 @dataclass(frozen=True)
@@ -44,54 +138,132 @@ def _last_line(text: str) -> str:
 class CaseRunner:
     """Runs (case, repetition) pairs against the engine and records each in a run directory."""
 
-    def __init__(self, api: DockerAPI, rundir: RunDir, progress: Progress, *, trace: bool = True):
+    def __init__(self, api: DockerAPI, rundir: RunDir, progress: Progress, *, trace: bool = True,
+                 reuse: bool = False):
         self.api = api
         self.rundir = rundir
         self.progress = progress
         self.trace = trace
+        self.reuse = reuse
         self.current: ComposeProject | None = None
+        self.kept: _KeptProject | None = None
+
+    def _write_override(self, case: Case, repetition: int, override: dict) -> ComposeProject:
+        path = self.rundir.compose / trace_name(case.id, repetition, "compose").replace(".trace.gz", ".yaml")
+        path.write_text(yaml.safe_dump(override, sort_keys=False), encoding="utf-8")
+        return ComposeProject(f"socklab-{case.experiment.name}-{secrets.token_hex(3)}",
+                              files=(COMPOSE_FILE, path))
 
     def run(self, case: Case, repetition: int) -> dict:
         """Run one repetition of ``case`` and return its record (not yet written)."""
-        experiment = case.experiment
-        override = scenario.compose_override(experiment, case.id, trace=self.trace)
-        override_path = self.rundir.compose / trace_name(case.id, repetition, "compose").replace(
-            ".trace.gz", ".yaml")
-        override_path.write_text(yaml.safe_dump(override, sort_keys=False), encoding="utf-8")
-        project = ComposeProject(f"socklab-{experiment.name}-{secrets.token_hex(3)}",
-                                 files=(COMPOSE_FILE, override_path))
+        if self.reuse:
+            return self._run_kept(case, repetition)
+        project = self._write_override(case, repetition,
+                                       scenario.compose_override(case.experiment, case.id, trace=self.trace))
         self.current = project
-        started = time.monotonic()
-        containers: list[LabContainer] = []
         try:
-            try:
-                outcome = self._drive(project, case, started)
-            except EngineError:
-                raise  # the engine itself failed: no later case could run either
-            except SocklabError as exc:
-                outcome = _Outcome("failed", str(exc))
-            containers = self.api.containers(project.name)
-            wall_s = time.monotonic() - started
-            return self._collect(case, repetition, containers, outcome, wall_s)
+            return self._run_case(project, case, repetition, self._start_containers)
         finally:
             self.progress("tearing down")
             project.down()
             self.current = None
 
-    def _drive(self, project: ComposeProject, case: Case, started: float) -> _Outcome:
-        experiment = case.experiment
-        deadline = started + experiment.timeout_s
+    def close(self) -> None:
+        """Take down a project kept for later cases (call when the run ends, however)."""
+        if self.kept is not None:
+            self.progress("tearing down")
+            self.kept.project.down()
+            self.kept = None
+            self.current = None
+
+    def _run_kept(self, case: Case, repetition: int) -> dict:
+        override = scenario.compose_override(case.experiment, case.id, trace=self.trace)
+        key = json.dumps(scenario.containers_key(override), sort_keys=True)
+        if self.kept is not None and self.kept.key != key:
+            self.close()
+        if self.kept is None:
+            project = self._write_override(case, repetition, scenario.kept_override(override))
+            self.progress("starting the containers, kept for the cases that can share them")
+            try:
+                project.up(scenario.SERVER_SERVICE, *scenario.client_services(case.experiment), wait=False)
+            except SocklabError:
+                project.down()
+                raise
+            self.kept = _KeptProject(project, key)
+            self.current = project
+        try:
+            record = self._run_case(self.kept.project, case, repetition, self._start_execs)
+        except BaseException:
+            self.close()
+            raise
+        if record["status"] != "ok":
+            self.close()
+        return record
+
+    def _run_case(self, project: ComposeProject, case: Case, repetition: int, start) -> dict:
+        started = time.monotonic()
+        roles: list[RoleHandle] = []
+        try:
+            outcome = self._drive(project, case, started, start, roles)
+        except EngineError:
+            raise  # the engine itself failed: no later case could run either
+        except SocklabError as exc:
+            outcome = _Outcome("failed", str(exc))
+        wall_s = time.monotonic() - started
+        if not roles:  # it failed before its roles were known: collect what there is
+            roles = [ContainerRole(self.api, c) for c in self.api.containers(project.name)]
+        return self._collect(case, repetition, roles, outcome, wall_s)
+
+    def _start_containers(self, project: ComposeProject, case: Case, roles: list[RoleHandle]) -> str | None:
+        """Start the case's containers, the server's first; why the server did not start, if not."""
         self.progress("starting the server")
         try:
             project.up(scenario.SERVER_SERVICE)
         except SocklabError:
             server = self.api.containers(project.name, scenario.SERVER_SERVICE)
-            detail = _last_line(self.api.logs(server[0])) if server else "it was not created"
-            return _Outcome("failed", f"the server did not start: {detail}")
-        services = [scenario.client_service(g) for g in experiment.clients]
+            return _last_line(self.api.logs(server[0])) if server else "it was not created"
+        services = scenario.client_services(case.experiment)
         self.progress(f"starting {', '.join(services)}")
         project.compose("up", "-d", "--no-build", "--no-deps", *services, timeout_s=120)
-        clients = [c for c in self.api.containers(project.name) if c.service in services]
+        roles += [ContainerRole(self.api, c) for c in self.api.containers(project.name)]
+        return None
+
+    def _start_execs(self, project: ComposeProject, case: Case, roles: list[RoleHandle]) -> str | None:
+        """Start the case's roles in the kept containers, the server's first."""
+        experiment = case.experiment
+        containers = self.api.containers(project.name)
+        keep = {"SOCKLAB_KEEP_CONTAINER": "1"}
+        self.progress("starting the server")
+        (server_container,) = [c for c in containers if c.service == scenario.SERVER_SERVICE]
+        server_argv = shlex.join(["python3", "-m", "socklab", "entry", *scenario.server_argv(experiment)])
+        server = ExecRole(self.api, self.api.start_exec(server_container, [
+            "sh", "-c", f"mkdir -p {shlex.quote(SERVER_PID_PATH.rsplit('/', 1)[0])} && echo $$ > "
+                        f"{SERVER_PID_PATH} && exec {server_argv}"], keep),
+                          stop_argv=["sh", "-c", f"kill -TERM $(cat {SERVER_PID_PATH})"])
+        roles.append(server)
+        deadline = time.monotonic() + 60
+        while self.api.exec(server_container, LISTENING)[0] != 0:
+            if not server.running() or time.monotonic() > deadline:
+                server.stop()
+                return _last_line(server.output())
+            time.sleep(POLL_S / 4)
+        self.progress(f"starting {', '.join(scenario.client_services(experiment))}")
+        for group in experiment.clients:
+            argv = shlex.join(["python3", "-m", "socklab", "entry", *scenario.client_argv(group, trace=self.trace)])
+            for container in (c for c in containers if c.service == scenario.client_service(group)):
+                # A trace left by the previous case must not pass for this one's.
+                roles.append(ExecRole(self.api, self.api.start_exec(container, [
+                    "sh", "-c", f"rm -f {scenario.TRACE_PATH} && exec {argv}"], keep)))
+        return None
+
+    def _drive(self, project: ComposeProject, case: Case, started: float, start,
+               roles: list[RoleHandle]) -> _Outcome:
+        experiment = case.experiment
+        deadline = started + experiment.timeout_s
+        not_started = start(project, case, roles)
+        if not_started is not None:
+            return _Outcome("failed", f"the server did not start: {not_started}")
+        clients = [r for r in roles if r.container.service != scenario.SERVER_SERVICE]
         steps = sorted(experiment.schedule, key=lambda s: s.at_s)
         if steps:
             # A change must not race the entrypoint's own shaping, and `at` counts
@@ -103,29 +275,28 @@ class CaseRunner:
             now = time.monotonic()
             while steps and now - workload_started >= steps[0].at_s:
                 self._apply_step(project, steps.pop(0))
-            running = [c for c in clients if self.api.state(c).get("Running")]
+            running = [r for r in clients if r.running()]
             if not running:
                 break
             if now >= deadline:
-                for container in running:
-                    self.api.kill(container, "SIGTERM")
+                for role in running:
+                    role.stop()
                 return _Outcome("timeout", f"the case ran past its timeout of {experiment.timeout_s:g} s; "
-                                           f"still running: {', '.join(c.name for c in running)}")
+                                           f"still running: {', '.join(r.container.name for r in running)}")
             time.sleep(POLL_S)
-        failed = [c for c in clients if self.api.state(c).get("ExitCode")]
+        failed = [(r, r.exit_code()) for r in clients if r.exit_code()]
         if failed:
-            first = failed[0]
-            return _Outcome("failed", f"{first.service} exited with status "
-                                      f"{self.api.state(first).get('ExitCode')}: "
-                                      f"{_last_line(self.api.logs(first))}")
+            first, code = failed[0]
+            return _Outcome("failed", f"{first.container.service} exited with status {code}: "
+                                      f"{_last_line(first.output())}")
         return _Outcome("ok", None)
 
-    def _wait_shaped(self, containers: list[LabContainer], deadline: float) -> None:
-        """Wait until every running container's entrypoint has applied its link."""
-        pending = list(containers)
+    def _wait_shaped(self, roles: list[RoleHandle], deadline: float) -> None:
+        """Wait until every running role's entrypoint has applied its link."""
+        pending = list(roles)
         while pending and time.monotonic() < deadline:
-            pending = [c for c in pending if self.api.state(c).get("Running")
-                       and self.api.exec(c, ["test", "-e", scenario.LINK_STATE_PATH])[0] != 0]
+            pending = [r for r in pending if r.running()
+                       and self.api.exec(r.container, ["test", "-e", scenario.LINK_STATE_PATH])[0] != 0]
             if pending:
                 time.sleep(POLL_S / 4)
 
@@ -140,20 +311,21 @@ class CaseRunner:
                 if code != 0:
                     raise SocklabError(f"changing the link of {container.name} failed: {_last_line(out)}")
 
-    def _collect(self, case: Case, repetition: int, containers: list[LabContainer],
+    def _collect(self, case: Case, repetition: int, roles: list[RoleHandle],
                  outcome: _Outcome, wall_s: float) -> dict:
         self.progress("collecting results")
         server_result = None
-        servers = [c for c in containers if c.service == scenario.SERVER_SERVICE]
-        for container in servers:
-            self.api.kill(container, "SIGTERM")
-            self.api.wait(container, SERVER_STOP_S)
+        servers = [r for r in roles if r.container.service == scenario.SERVER_SERVICE]
+        for role in servers:
+            role.stop()
+            role.wait(SERVER_STOP_S)
         # delay_line: the userspace backend's counters per container (null under netem).
         link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}}
         clients = []
         status, error = outcome.status, outcome.error
-        for container in containers:
-            found = find_results(self.api.logs(container, stderr=False))
+        for role in roles:
+            container = role.container
+            found = find_results(role.stdout())
             by_role = {r.get("role"): r for r in found}
             group = "server" if container.service == scenario.SERVER_SERVICE else \
                 container.service.removeprefix("client-")

@@ -164,6 +164,39 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
     return {"services": services}
 
 
+def client_services(experiment: Experiment) -> list[str]:
+    """The Compose services of the experiment's client groups, in order."""
+    return [client_service(g) for g in experiment.clients]
+
+
+def containers_key(override: dict[str, Any]) -> dict[str, Any]:
+    """What a case's containers are made of: its override without the roles' arguments and case label.
+
+    Two cases with equal keys can run in the same kept containers.
+    """
+    key = {}
+    for name, service in override["services"].items():
+        key[name] = {k: v for k, v in service.items() if k not in ("command", "labels")}
+    return key
+
+
+def kept_override(override: dict[str, Any]) -> dict[str, Any]:
+    """The override for containers kept between cases: each runs ``entry hold``; roles come by exec.
+
+    The server's healthcheck (is port 5000 listening?) would fail while no
+    server role runs, so it is off, and the clients no longer wait for it.
+    """
+    services = {}
+    for name, service in override["services"].items():
+        kept = {**service, "command": ["hold"]}
+        if name == SERVER_SERVICE:
+            kept["healthcheck"] = {"disable": True}
+        else:
+            kept["depends_on"] = {SERVER_SERVICE: {"condition": "service_started"}}
+        services[name] = kept
+    return {"services": services}
+
+
 def shaping_plans(experiment: Experiment) -> dict[str, list[list[str]]]:
     """Every tc/ip command each service's containers would run, for a dry run.
 

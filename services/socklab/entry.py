@@ -2,6 +2,7 @@
 
     python -m socklab entry ROLE [ARGS ...]     ROLE: server, client, summary, shape
     python -m socklab entry exec CMD [ARGS ...]  any program (iperf3), same treatment
+    python -m socklab entry hold                 keep the container up for `docker exec`
 
 The link comes from ``SOCKLAB_LINK_*`` environment variables (see shaping).
 When the kernel cannot do what the link asks, the container stops here with one
@@ -14,6 +15,13 @@ userspace backend's delay line (if the link has one: a root process started
 with the shaping, before the workload) and prints a ``link`` result line with
 the qdisc and delay-line counters — the interfaces vanish with the container,
 so afterwards nobody could read them.
+
+A container the orchestrator keeps between cases runs ``hold`` and gets each
+case's role by ``docker exec ... entry ROLE`` with SOCKLAB_KEEP_CONTAINER=1:
+then the kernel's TCP metrics cache (ssthresh and RTT remembered per peer,
+which a fresh network namespace would not have) is flushed before the link is
+applied, and the link is removed after it is reported, so each case starts as
+in a new container.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ WORKLOAD_USER = "socklab"
 # Roles that run as root because their job is the link itself.
 _ROOT_ROLES = {"shape"}
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+ENV_KEEP = "SOCKLAB_KEEP_CONTAINER"
+FLUSH_TCP_METRICS = ["ip", "tcp_metrics", "flush", "all"]
 
 
 def drop_privileges(user: str = WORKLOAD_USER) -> None:
@@ -110,12 +120,33 @@ def report_link(delay_line: dict | None = None) -> None:
     emit_result({"role": "link", **shown})
 
 
+def hold() -> int:
+    """Wait, doing nothing, until SIGTERM or SIGINT (a kept container's main process)."""
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)
+    return 0
+
+
+def leave_as_found() -> None:
+    """Remove the link and its state file after a case in a kept container."""
+    from . import shaping
+
+    state_path = shaping.commands.state_path_from(os.environ)
+    state = shaping.commands.read_state(state_path) or {}
+    shaping.teardown(shaping.run, state.get("dev", shaping.commands.DEFAULT_DEV),
+                     state.get("ifb", shaping.commands.DEFAULT_IFB))
+    state_path.unlink(missing_ok=True)
+
+
 def main(argv: list[str]) -> int:
     """Shape, prepare, then run the role named in ``argv`` without privileges."""
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0
     role, args = argv[0], argv[1:]
+    if role == "hold":
+        return hold()
     if role == "exec":
         if not args:
             raise UsageError("entry exec needs a command to run")
@@ -128,6 +159,9 @@ def main(argv: list[str]) -> int:
 
     from . import shaping
 
+    kept = os.environ.get(ENV_KEEP) == "1"
+    if kept:
+        shaping.run(FLUSH_TCP_METRICS)
     applied = shaping.apply_from_env(os.environ, shaping.run)
     print(f"socklab: {applied['summary']}", file=sys.stderr, flush=True)
     result_dir = os.environ.get("SOCKLAB_RESULT_DIR")
@@ -137,4 +171,6 @@ def main(argv: list[str]) -> int:
     final = stop_delay_line()
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
         report_link(final)
+    if kept:
+        leave_as_found()
     return code

@@ -74,9 +74,9 @@ def test_seed_demo_run_writes_the_whole_run_directory(lab_image, tmp_path):
     assert len(summary) == 3 and "sender.goodput_bps.ci95_high" in summary[0]
 
 
-def _lab_objects() -> dict[str, list[str]]:
+def _lab_objects(prefix: str = "socklab-three-short-cases") -> dict[str, list[str]]:
     objects = DockerAPI().labelled()
-    return {kind: [n for n in names if n.startswith("socklab-three-short-cases")]
+    return {kind: [n for n in names if n.startswith(prefix)]
             for kind, names in objects.items()}
 
 
@@ -170,3 +170,75 @@ def test_clean_removes_what_carries_the_label_and_nothing_else(project):
         assert alive.stdout.strip() == "true"
     finally:
         subprocess.run(["docker", "rm", "-f", bystander], capture_output=True)
+
+
+REUSE_EXPERIMENT = """\
+name: reuse
+description: cases that share containers, then one whose link differs, then one that fails
+timeout: 60s
+server:
+  mode: epoll
+clients:
+  - name: load
+    mode: blocking
+    workload: {kind: bulk, bytes: 2MB}
+    link: {rate: 20mbit}
+matrix:
+  clients.load.mode: [blocking, select, asyncio]
+  clients.load.link.rate: [20mbit, 50mbit]
+"""
+
+
+def test_reuse_keeps_containers_while_cases_share_them_and_each_case_starts_afresh(lab_image, tmp_path):
+    config = tmp_path / "reuse.yaml"
+    config.write_text(REUSE_EXPERIMENT)
+    done = lab("run", str(config), "--reuse", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = only_run_dir(tmp_path / "runs")
+    records = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok"] * 6
+    # The matrix varies the rate fastest, so every case changes the links: six projects.
+    # Sorted by rate (how a user orders a sweep to share containers), two would do.
+    assert len(list((run / "compose").glob("*.yaml"))) == 6
+    for record in records:
+        (client,) = record["clients"]
+        assert client["bytes_delivered"] == 2_000_000 == record["server"]["bytes_received"]
+        rate = record["link"]["applied"]["load"]["up"]["rate_bps"]
+        assert rate == int(record["params"]["clients.load.link.rate"].removesuffix("mbit")) * 1_000_000
+        # Fresh qdiscs each case: the counters hold this case's bytes only.
+        tbf = next(q for q in record["link"]["qdisc"]["load"]["eth0"] if q["kind"] == "tbf")
+        assert 2_000_000 <= tbf["bytes"] < 2_400_000
+    assert len(list((run / "traces").glob("*.trace.gz"))) == 6
+    assert _lab_objects("socklab-reuse-") == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_reuse_shares_one_project_across_cases_and_drops_it_after_a_failure(lab_image, tmp_path):
+    config = tmp_path / "reuse.yaml"
+    # The rate is fixed: the modes' cases share containers. A 1-byte-per-second
+    # slow client past a 4 s timeout then fails its case, which must not leave
+    # its containers to the next.
+    config.write_text(REUSE_EXPERIMENT.replace("  clients.load.link.rate: [20mbit, 50mbit]\n", "")
+                      .replace("timeout: 60s", "timeout: 8s"))
+    done = lab("run", str(config), "--reuse", "--repeat", "2", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    run = only_run_dir(tmp_path / "runs")
+    records = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["ok"] * 6
+    assert len(list((run / "compose").glob("*.yaml"))) == 1
+    for record in records:
+        tbf = next(q for q in record["link"]["qdisc"]["load"]["eth0"] if q["kind"] == "tbf")
+        assert 2_000_000 <= tbf["bytes"] < 2_400_000
+        assert record["server"]["connections"] == 1
+
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(REUSE_EXPERIMENT.replace("  clients.load.link.rate: [20mbit, 50mbit]\n", "")
+                       .replace("timeout: 60s", "timeout: 4s")
+                       .replace("workload: {kind: bulk, bytes: 2MB}", "workload: {kind: slow, rate: 1, hold: 30s}"))
+    done = lab("run", str(failing), "--reuse", "--out", str(tmp_path / "failing"))
+    assert done.returncode == 1
+    run = only_run_dir(tmp_path / "failing")
+    records = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in records] == ["timeout"] * 3
+    # Each timed-out case took its containers down: the next one made new ones.
+    assert len(list((run / "compose").glob("*.yaml"))) == 3
+    assert _lab_objects("socklab-reuse-") == {"containers": [], "networks": [], "volumes": []}

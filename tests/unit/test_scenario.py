@@ -120,3 +120,33 @@ def test_socket_buffers_reach_the_roles():
     assert argv[-4:] == ["--sndbuf", "32768", "--rcvbuf", "1048576"]
     again = load_experiment_text(__import__("yaml").safe_dump(exp.to_dict()), "again.yaml")
     assert again == exp
+
+
+def test_cases_share_kept_containers_when_only_role_arguments_differ():
+    cases = expand_cases(experiment(BASE + "matrix:\n  clients.sender.mode: [select, epoll]\n"
+                                           "  server.mode: [epoll, threaded]\n"
+                                           "  clients.sender.link.rate: [10mbit, 20mbit]\n"))
+
+    def key(case):
+        return scenario.containers_key(scenario.compose_override(case.experiment, case.id))
+
+    keys = {case.id: key(case) for case in cases}
+    by_rate = {}
+    for case in cases:
+        by_rate.setdefault(case.params["clients.sender.link.rate"], []).append(keys[case.id])
+    # Modes (server's or client's) only change arguments; a rate changes the container's link.
+    assert all(all(k == ks[0] for k in ks) for ks in by_rate.values())
+    assert by_rate["10mbit"][0] != by_rate["20mbit"][0]
+    fewer_replicas = expand_cases(experiment(BASE.replace("replicas: 3", "replicas: 2")))[0]
+    assert key(fewer_replicas) != key(expand_cases(experiment())[0])
+
+
+def test_kept_containers_hold_and_the_server_has_no_healthcheck_to_fail():
+    (case,) = expand_cases(experiment())
+    kept = scenario.kept_override(scenario.compose_override(case.experiment, case.id))["services"]
+    assert {name: service["command"] for name, service in kept.items()} == {
+        "server": ["hold"], "client-sender": ["hold"]}
+    assert kept["server"]["healthcheck"] == {"disable": True}
+    assert kept["client-sender"]["depends_on"] == {"server": {"condition": "service_started"}}
+    assert kept["client-sender"]["deploy"] == {"replicas": 3}
+    assert kept["client-sender"]["environment"]["SOCKLAB_LINK_RATE"] == "10mbit"
