@@ -132,11 +132,7 @@ def leave_as_found() -> None:
     """Remove the link and its state file after a case in a kept container."""
     from . import shaping
 
-    state_path = shaping.commands.state_path_from(os.environ)
-    state = shaping.commands.read_state(state_path) or {}
-    shaping.teardown(shaping.run, state.get("dev", shaping.commands.DEFAULT_DEV),
-                     state.get("ifb", shaping.commands.DEFAULT_IFB))
-    state_path.unlink(missing_ok=True)
+    shaping.remove_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
 
 
 def main(argv: list[str]) -> int:

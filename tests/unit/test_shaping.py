@@ -599,6 +599,26 @@ def test_apply_from_env_uses_every_setting(tmp_path):
     assert json.loads((tmp_path / "l.json").read_text())["dev"] == "eth1"
 
 
+def test_a_kept_container_removes_its_link_but_not_what_the_kernel_was_found_to_do(tmp_path):
+    from socklab.shaping import remove_link
+
+    environ = {"SOCKLAB_LINK_RATE": "2mbit", "SOCKLAB_LINK_STATE": str(tmp_path / "l.json")}
+    probed = FakeKernel(fails=lambda argv: "netem" in argv)
+    apply_from_env(environ, probed)
+    assert ["ip", "link", "add", "socklab-probe0", "type", "ifb"] in probed.calls
+    removed = FakeKernel()
+    remove_link(removed, state_path=tmp_path / "l.json")
+    assert removed.changing() == qdisc_teardown("eth0", "ifb0")
+    assert not (tmp_path / "l.json").exists()
+    # The next case's link: applied from nothing, without probing the kernel again.
+    again = FakeKernel(fails=lambda argv: "netem" in argv)
+    result = apply_from_env(environ, again)
+    assert not any(c[:3] == ["ip", "link", "add"] and "socklab-probe0" in c for c in again.calls)
+    plan = build_plan(link_spec_from_mapping({"rate": "2mbit"}), "netem")
+    assert again.changing()[-len(plan):] == plan
+    assert result["summary"].startswith("link eth0: up rate 2mbit, down rate 2mbit")
+
+
 def _starts(fake):
     return [c for c in fake.changing() if c[:6] == ["python3", "-m", "socklab", "shape", "delayline", "start"]]
 

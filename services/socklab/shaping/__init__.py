@@ -8,7 +8,8 @@ userspace backend's delay line (``delayline``, over the netlink client in
 
 from .backends import Backend, NetemBackend, UserspaceBackend, build_plan, choose_backend, get_backend
 from .caps import Capabilities, probe_capabilities
-from .commands import apply_from_env, apply_spec, main, set_link, show_link, stop_delay_line, teardown
+from .commands import (apply_from_env, apply_spec, main, remove_link, set_link, show_link, stop_delay_line,
+                       teardown)
 from .model import (
     LinkChanges,
     LinkShape,
@@ -24,9 +25,9 @@ from .runner import Runner, ShapingError, run
 from .show import qdisc_stats
 
 __all__ = [
-    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner", "UserspaceBackend",
-    "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan", "build_teardown",
-    "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
-    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "run", "seed_from_env", "set_link",
-    "show_link", "stop_delay_line", "teardown",
+    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner",
+    "UserspaceBackend", "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan",
+    "build_teardown", "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
+    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "remove_link", "run",
+    "seed_from_env", "set_link", "show_link", "stop_delay_line", "teardown",
 ]

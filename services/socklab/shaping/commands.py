@@ -380,8 +380,37 @@ def apply_from_env(environ: Mapping[str, str], runner: Runner = run) -> dict[str
             dev=environ.get(ENV_DEV, "").strip() or DEFAULT_DEV,
             ifb=environ.get(ENV_IFB, "").strip() or DEFAULT_IFB,
             state_path=state_path,
+            caps=read_caps(state_path),
             seed=seed,
         )
+
+
+def _caps_path(state_path: Path) -> Path:
+    return state_path.with_name("caps.json")
+
+
+def read_caps(state_path: Path) -> Capabilities | None:
+    """What an earlier link in this container found the kernel can do (see :func:`remove_link`)."""
+    try:
+        return Capabilities.from_dict(json.loads(_caps_path(state_path).read_text(encoding="utf-8")))
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_link(runner: Runner = run, *, state_path: Path | str = DEFAULT_STATE_PATH) -> None:
+    """Remove the applied link and its state, keeping what the kernel was found to do.
+
+    For a container kept between cases: the next case applies its link from
+    nothing, but need not probe the kernel again (it cannot change while the
+    container lives; the probe is a dozen tc commands).
+    """
+    state_path = Path(state_path)
+    with changing(state_path):
+        state = read_state(state_path) or {}
+        teardown(runner, state.get("dev", DEFAULT_DEV), state.get("ifb", DEFAULT_IFB))
+        if state.get("caps"):
+            _caps_path(state_path).write_text(json.dumps(state["caps"]), encoding="utf-8")
+        state_path.unlink(missing_ok=True)
 
 
 # --- command line -------------------------------------------------------------
