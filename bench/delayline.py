@@ -25,20 +25,16 @@ the delay line's own counters and CPU time, goes to the JSON file.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
-import os
-import platform
 import secrets
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "services")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import ROOT, environment  # noqa: E402
 from labkit import proc  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
 from socklab.results import find_results  # noqa: E402
@@ -169,24 +165,6 @@ def carried(lab: ComposeProject, from_mbit: float) -> list[dict]:
         if "error" in m or m["goodput_ratio"] < GOODPUT_FLOOR:
             return tries
         rate *= 2
-
-
-def environment() -> dict:
-    def text(argv: list[str]) -> str | None:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT).stdout.strip() or None
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-
-    return {
-        "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_revision": text(["git", "rev-parse", "--short", "HEAD"]),
-        "host_kernel": platform.release(),
-        "cpus": len(os.sched_getaffinity(0)),
-        # Anything else running competes with the delay line for the CPU, which is what bounds it.
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-        "docker": text(["docker", "version", "--format", "{{.Server.Version}}"]),
-    }
 
 
 def main() -> int:

@@ -1,0 +1,223 @@
+"""Benchmark: does the link do what it was told, and can the lab's client fill it?
+
+    python3 bench/fidelity.py [--quick]
+
+Link fidelity, goodput: the client container's link is shaped to 1, 10, 100
+Mbit/s and 1 Gbit/s (both directions, tbf); in the same container, one after
+the other, iperf3 and the lab's blocking bulk client push TCP to the server.
+iperf3's goodput is judged against the TCP ceiling (rate x 1448/1514), the
+lab client's against iperf3's, measured in the same repetition.
+
+Link fidelity, round trip: the client's link gets 1, 10, 50 and 200 ms of delay
+each way; the lab's echo client measures 64-byte round trips (median) against
+the configured round trip plus the unshaped one, measured in the same
+repetition (the veth pair and two Python processes are not part of the
+configured delay). Every backend the kernel has is measured; one it lacks is
+recorded with the sentence the lab gives for it.
+
+Load generation: on an unshaped link, the lab's blocking bulk client (with and
+without its per-call trace) against iperf3 between the same containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (TCP_PAYLOAD_PER_FRAME, Log, bench_lab, build_image, failed_figure, figure,  # noqa: E402
+                    iperf3_json_script, json_after, link_env, run_in_client)
+
+BULK_PORT = 5000
+ECHO_PORT = 5001
+# Both servers of the lab and iperf3's in one container: each point then costs
+# one client container, not a project. Threaded servers serve the concurrent
+# iperf3/ping-pong of a point; a 256 KiB recv keeps the server off the critical
+# path at 1 Gbit/s (its default 1 KiB is the tutorial's, not a benchmark's).
+SERVER_COMMAND = [
+    "exec", "sh", "-c",
+    "iperf3 -s -D && "
+    f"python3 -m socklab server --mode threaded --port {ECHO_PORT} --workload echo --max-connections 1000000 "
+    "--idle-timeout 3600 & "
+    f"exec python3 -m socklab server --mode threaded --port {BULK_PORT} --workload bulk --recv-size 256KiB "
+    "--max-connections 1000000 --idle-timeout 3600",
+]
+RATES_MBIT = (1, 10, 100, 1000)
+DELAYS_MS = (1, 10, 50, 200)
+BACKENDS = ("userspace", "netem")
+GOODPUT_TOLERANCE = 0.05
+RTT_TOLERANCE = 0.05
+PING_BYTES = 64
+LOADGEN_SECONDS = 5
+# Holds a payload in memory, so it is capped; at the fastest veth speeds seen
+# here (~20 Gbit/s) that is still over a second of sending.
+LOADGEN_MAX_BYTES = 4 * 2**30
+LOADGEN_MODES = ("blocking", "epoll")
+
+
+def _label_rate(mbit: float) -> str:
+    return f"{mbit / 1000:g} Gbit/s" if mbit >= 1000 else f"{mbit:g} Mbit/s"
+
+
+def _lab_client(port: int, workload: str, *extra: str, mode: str = "blocking") -> str:
+    return shlex.join(["python3", "-m", "socklab", "client", "--mode", mode, "--host", "server",
+                       "--port", str(port), "--workload", workload, *extra])
+
+
+def _goodput_point(lab, rate_mbit: float, seconds: int) -> dict:
+    """iperf3 then the lab client through one shaped link; both goodputs in bit/s."""
+    ceiling_bps = rate_mbit * 1e6 * TCP_PAYLOAD_PER_FRAME
+    payload = int(ceiling_bps / 8 * (seconds - 1))
+    script = (iperf3_json_script(f"-c server -t {seconds} -O 1") + "; "
+              + _lab_client(BULK_PORT, "bulk", "--bytes", str(payload)))
+    results, stdout = run_in_client(lab, script, link_env(rate=f"{rate_mbit:g}mbit", backend="auto"),
+                                    timeout_s=seconds * 4 + 120)
+    iperf = json_after("iperf3 ", stdout)
+    if not iperf or "error" in iperf or "client" not in results:
+        raise RuntimeError(f"goodput at {rate_mbit} Mbit/s: {results.get('error') or (iperf or {}).get('error')}")
+    return {"rate_mbit": rate_mbit, "ceiling_bps": ceiling_bps,
+            "iperf3_bps": iperf["end"]["sum_received"]["bits_per_second"],
+            "iperf3_retransmits": iperf["end"]["sum_sent"].get("retransmits"),
+            "lab_bps": results["client"]["goodput_bps"], "lab_bytes": results["client"]["bytes_delivered"]}
+
+
+def goodput(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
+    """The goodput figures at every rate."""
+    repetitions, seconds = (1, 4) if quick else (3, 6)
+    figures, points = [], []
+    for rate in RATES_MBIT:
+        rows = []
+        for _ in range(repetitions):
+            rows.append(_goodput_point(lab, rate, seconds))
+            log(f"goodput at {_label_rate(rate)}: iperf3 {rows[-1]['iperf3_bps'] / 1e6:.3f}, lab "
+                f"{rows[-1]['lab_bps'] / 1e6:.3f} Mbit/s (ceiling {rows[-1]['ceiling_bps'] / 1e6:.3f})")
+        points += rows
+        name = _label_rate(rate)
+        figures.append(figure(f"link.goodput.{rate:g}mbit.iperf3", f"iperf3 goodput through a {name} link",
+                              "Mbit/s", [r["iperf3_bps"] / 1e6 for r in rows], reference="TCP ceiling (rate x 1448/1514)",
+                              reference_samples=[r["ceiling_bps"] / 1e6 for r in rows],
+                              target={"within": GOODPUT_TOLERANCE}))
+        figures.append(figure(f"link.goodput.{rate:g}mbit.lab", f"lab client goodput through a {name} link",
+                              "Mbit/s", [r["lab_bps"] / 1e6 for r in rows], reference="iperf3, same link and run",
+                              reference_samples=[r["iperf3_bps"] / 1e6 for r in rows],
+                              target={"within": GOODPUT_TOLERANCE}))
+    return figures, points
+
+
+def _ping_pong(lab, env: dict, round_trip_ms: float) -> tuple[dict | None, str | None]:
+    """The lab's echo client's round trips over a link made by ``env`` (and the delay line's
+    own lateness, where there is one); or the error."""
+    requests = int(min(200, max(10, 3000 / max(round_trip_ms, 1))))
+    results, _ = run_in_client(lab, _lab_client(ECHO_PORT, "echo", "--size", str(PING_BYTES),
+                                                "--requests", str(requests)),
+                               {**env, "SOCKLAB_REPORT_LINK": "1"}, timeout_s=300)
+    if "client" not in results:
+        return None, (results.get("error") or {}).get("output", "no result")
+    line = (results.get("link") or {}).get("delay_line") or {}
+    return {"p50_ms": results["client"]["latency_ms"]["p50"],
+            "late_ms_mean": {d: line[d].get("late_ms_mean") for d in ("up", "down") if d in line}}, None
+
+
+def round_trip(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict]:
+    """The round-trip figures for every delay and every backend the kernel has."""
+    repetitions = 1 if quick else 3
+    figures, points, unavailable = [], [], {}
+    for backend in BACKENDS:
+        for delay in DELAYS_MS:
+            rows = []
+            for _ in range(repetitions):
+                base, error = _ping_pong(lab, link_env(), 1.0)
+                if error:
+                    raise RuntimeError(f"unshaped round trip: {error}")
+                shaped, error = _ping_pong(lab, link_env(delay=f"{delay}ms", backend=backend), 2 * delay)
+                if error:
+                    break
+                base_ms, shaped_ms = base["p50_ms"], shaped["p50_ms"]
+                rows.append({"backend": backend, "delay_ms": delay, "unshaped_ms": base_ms, "rtt_ms": shaped_ms,
+                             "expected_ms": 2 * delay + base_ms, "delay_line_late_ms_mean": shaped["late_ms_mean"]})
+                log(f"round trip, {backend}, {delay} ms each way: {shaped_ms:.3f} ms "
+                    f"(expected {2 * delay} + unshaped {base_ms:.3f})")
+            if error:
+                # The first delay tells whether this kernel has the backend at all.
+                sentence = error.strip().splitlines()[-1] if error.strip() else "no output"
+                log(f"round trip, {backend}: not measured: {sentence}")
+                unavailable[backend] = sentence
+                break
+            points += rows
+            figures.append(figure(
+                f"link.rtt.{backend}.{delay}ms", f"round trip, {delay} ms each way ({backend})", "ms",
+                [r["rtt_ms"] for r in rows], reference="2 x delay + unshaped round trip, same run",
+                reference_samples=[r["expected_ms"] for r in rows], target={"within": RTT_TOLERANCE}))
+    return figures, points, unavailable
+
+
+def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
+    """The lab client's bulk goodput on an unshaped link, traced and not, against iperf3.
+
+    Two modes: blocking (the whole payload in a few send() calls, so tracing
+    has almost nothing to record) and epoll (a send() per writable event, each
+    one traced), which shows what the trace costs per call.
+    """
+    repetitions = 1 if quick else 3
+    rows = []
+    for repetition in range(repetitions):
+        script = iperf3_json_script(f"-c server -t {LOADGEN_SECONDS} -O 1")
+        results, stdout = run_in_client(lab, script, link_env())
+        iperf = json_after("iperf3 ", stdout)
+        if not iperf or "error" in iperf:
+            raise RuntimeError(f"iperf3 on an unshaped link: {results.get('error') or (iperf or {}).get('error')}")
+        iperf_bps = iperf["end"]["sum_received"]["bits_per_second"]
+        payload = min(LOADGEN_MAX_BYTES, int(iperf_bps / 8 * (LOADGEN_SECONDS - 1)))
+        row = {"iperf3_bps": iperf_bps, "payload_bytes": payload}
+        for mode in LOADGEN_MODES:
+            # Alternated, so that whatever favours the first or second run of a pair
+            # does not pass for the cost of tracing.
+            for traced in ((False, True) if repetition % 2 == 0 else (True, False)):
+                extra = ["--trace", "/tmp/trace.gz"] if traced else []
+                results, _ = run_in_client(lab, _lab_client(BULK_PORT, "bulk", "--bytes", str(payload), *extra,
+                                                            mode=mode), link_env())
+                if "client" not in results:
+                    raise RuntimeError(f"lab bulk client ({mode}) on an unshaped link: {results.get('error')}")
+                key = f"{mode}.trace_{'on' if traced else 'off'}"
+                row[key] = {"bps": results["client"]["goodput_bps"], "send_calls": results["client"]["send_calls"],
+                            "cpu_s": results["client"]["cpu_s"]}
+        rows.append(row)
+        log("load generation, unshaped: iperf3 " + f"{iperf_bps / 1e9:.2f} Gbit/s; lab " +
+            ", ".join(f"{k} {v['bps'] / 1e9:.2f} ({v['send_calls']} calls)" for k, v in row.items()
+                      if isinstance(v, dict)))
+    figures = [
+        figure(f"loadgen.bulk.{mode}.trace_{kind}", f"lab bulk client ({mode}) goodput, unshaped link, "
+               f"trace {kind}", "Gbit/s", [r[f"{mode}.trace_{kind}"]["bps"] / 1e9 for r in rows],
+               reference="iperf3, same containers and run", reference_samples=[r["iperf3_bps"] / 1e9 for r in rows],
+               target={"min": 0.8})
+        for mode in LOADGEN_MODES for kind in ("off", "on")
+    ]
+    return figures, rows
+
+
+def run(quick: bool, log: Log) -> dict:
+    """Every fidelity and bulk load-generation figure."""
+    build_image()
+    with bench_lab({"server": {"command": SERVER_COMMAND, "environment": link_env()}}) as lab:
+        lab.up("server")
+        goodput_figures, goodput_points = goodput(lab, quick, log)
+        rtt_figures, rtt_points, unavailable = round_trip(lab, quick, log)
+        loadgen_figures, loadgen_points = loadgen(lab, quick, log)
+    held = [f for f in goodput_figures if f["id"].endswith(".iperf3") and f["met"]]
+    return {
+        "figures": goodput_figures + rtt_figures + loadgen_figures,
+        "details": {"goodput": goodput_points, "round_trip": rtt_points, "loadgen": loadgen_points,
+                    "backends_unavailable": unavailable,
+                    "goodput_holds_up_to": held[-1]["id"].split(".")[2] if held else None},
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick, lambda text: print(text, file=sys.stderr, flush=True)), indent=1))

@@ -1,0 +1,214 @@
+"""Benchmark: what the lab costs around a workload, against bare `docker compose`.
+
+    python3 bench/overhead.py [--quick]
+
+Per case: the lab's own case runner (the one `lab.py run` uses) runs a case
+whose workload is nearly nothing (ten 1 KiB round trips per client) with 1, 10
+and 50 client containers; the seconds outside the workload are the case's
+whole time (override written, containers up, clients awaited, results and
+traces collected, project down) minus the workload's (the longest client's
+own wall time). The reference is bare Compose doing the least any tool must:
+`docker compose up -d` of the same services from the same override file, then
+`down`, timed in the same repetition.
+
+Sweep: a 12-case experiment (six client modes x two payloads, 4 and 8 s at 50
+Mbit/s) run by the case runner twice: with containers per case (the default)
+and with `--reuse` (the cases differ only in the client's arguments, so they
+share one project); each sweep's wall time against the sum of its workloads.
+Where a case's time goes is recorded per phase (from the runner's own progress
+calls), which is what explains the overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Log, ROOT, build_image, figure  # noqa: E402
+from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
+from labkit.config import load_experiment_text  # noqa: E402
+from labkit.docker_api import DockerAPI  # noqa: E402
+from labkit.matrix import expand_runs  # noqa: E402
+from labkit.rundir import RunDir  # noqa: E402
+from labkit.runner import CaseRunner  # noqa: E402
+from labkit import scenario  # noqa: E402
+
+CASE_EXPERIMENT = """\
+name: bench-overhead
+description: Lab overhead per case with {replicas} client container(s).
+timeout: 300s
+server:
+  mode: epoll
+clients:
+  - name: load
+    replicas: {replicas}
+    mode: blocking
+    workload: {{kind: echo, requests: 10, size: 1KiB}}
+"""
+
+# Twelve cases of about 2 s each: bulk over a shaped link, the sweep a user runs
+# to compare client modes and payloads. Nothing in a case changes the server.
+SWEEP_EXPERIMENT = """\
+name: bench-sweep
+description: A 12-case sweep, to weigh the lab's overhead against its workloads.
+timeout: 120s
+server:
+  mode: epoll
+clients:
+  - name: load
+    mode: blocking
+    workload: {kind: bulk, bytes: 24MB}
+    link: {rate: 50mbit}
+matrix:
+  clients.load.mode: [blocking, timeout, select, poll, epoll, asyncio]
+  clients.load.workload.bytes: [24MB, 48MB]
+"""
+# The runner's progress messages that open each phase of a case, by phase name.
+PHASES = (("start kept containers", "starting the containers"), ("start server", "starting the server"), ("start clients", "starting client"),
+          ("run", "running"), ("collect", "collecting results"), ("tear down", "tearing down"))
+
+
+def _workload_s(record: dict) -> float:
+    """The longest client's own wall time: the part of a case that is the workload."""
+    return max(c["wall_s"] or 0.0 for c in record["clients"])
+
+
+def _bare_up_down(override: Path, services: list[str]) -> float:
+    """`up -d` + `down` of ``services`` by bare Compose from the case's own override file."""
+    bare = ComposeProject(f"socklab-bench-bare-{time.monotonic_ns() % 10**6}", files=(COMPOSE_FILE, override))
+    started = time.monotonic()
+    try:
+        bare.compose("up", "-d", "--no-build", "--no-deps", *services, timeout_s=300)
+    finally:
+        bare.down()
+    return time.monotonic() - started
+
+
+def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict]]:
+    """The overhead figure for ``replicas`` client containers, and every repetition's timings."""
+    experiment = load_experiment_text(CASE_EXPERIMENT.format(replicas=replicas), "bench-overhead.yaml")
+    (case, _), = expand_runs(experiment_cases(experiment))
+    api = DockerAPI()
+    lab_s, bare_s, rows = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        rundir = RunDir.create(Path(tmp), experiment.name)
+        runner = CaseRunner(api, rundir, lambda text: None, trace=True)
+        for repetition in range(1, repetitions + 1):
+            started = time.monotonic()
+            record = runner.run(case, repetition)
+            total_s = time.monotonic() - started
+            if record["status"] != "ok":
+                raise RuntimeError(f"overhead case with {replicas} clients: {record['status']}: {record['error']}")
+            outside_s = total_s - _workload_s(record)
+            override = next(rundir.compose.glob(f"*r{repetition}*"))
+            services = [scenario.SERVER_SERVICE] + [scenario.client_service(g) for g in experiment.clients]
+            bare = _bare_up_down(override, services)
+            lab_s.append(outside_s)
+            bare_s.append(bare)
+            rows.append({"replicas": replicas, "repetition": repetition, "case_s": round(total_s, 3),
+                         "workload_s": round(_workload_s(record), 3), "outside_s": round(outside_s, 3),
+                         "bare_up_down_s": round(bare, 3)})
+            log(f"overhead, {replicas} client container(s): case {total_s:.2f} s, outside the workload "
+                f"{outside_s:.2f} s; bare up+down {bare:.2f} s")
+    return figure(f"overhead.case.{replicas}", f"seconds per case outside the workload, {replicas} client "
+                  f"container(s)", "s", lab_s, reference="bare `docker compose up -d` + `down`",
+                  reference_samples=bare_s, target={"max": 1.2}), rows
+
+
+def experiment_cases(experiment):
+    """The experiment's cases (a local import keeps the CLI's helpers out of the benchmark's way)."""
+    from labkit.matrix import expand_cases
+    return expand_cases(experiment)
+
+
+class PhaseClock:
+    """A progress callback that notes when each phase of each case begins."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, str]] = []
+
+    def __call__(self, text: str) -> None:
+        phase = next((name for name, opening in PHASES if text.startswith(opening)), None)
+        if phase:
+            self.marks.append((time.monotonic(), phase))
+
+    def end_case(self) -> None:
+        self.marks.append((time.monotonic(), "end"))
+
+    def seconds_by_phase(self) -> dict[str, float]:
+        """Total seconds spent in each phase over every case so far."""
+        totals: dict[str, float] = {}
+        for (at, phase), (next_at, _) in zip(self.marks, self.marks[1:]):
+            if phase != "end":
+                totals[phase] = totals.get(phase, 0.0) + next_at - at
+        return {phase: round(seconds, 2) for phase, seconds in totals.items()}
+
+
+def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
+    """The 12-case sweep: its wall time against the sum of its workloads.
+
+    ``quick`` sends a quarter of the bytes: the overhead then weighs four times as much.
+    """
+    text = SWEEP_EXPERIMENT.replace("[24MB, 48MB]", "[6MB, 12MB]") if quick else SWEEP_EXPERIMENT
+    experiment = load_experiment_text(text, "bench-sweep.yaml")
+    runs = expand_runs(experiment_cases(experiment))
+    api = DockerAPI()
+    clock = PhaseClock()
+    with tempfile.TemporaryDirectory() as tmp:
+        rundir = RunDir.create(Path(tmp), experiment.name)
+        runner = CaseRunner(api, rundir, clock, trace=True, reuse=reuse)
+        started = time.monotonic()
+        records = []
+        try:
+            for case, repetition in runs:
+                records.append(runner.run(case, repetition))
+                clock.end_case()
+        finally:
+            runner.close()
+        clock.end_case()
+        wall_s = time.monotonic() - started
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"sweep case {bad[0]['case']}: {bad[0]['status']}: {bad[0]['error']}")
+    workload_s = sum(_workload_s(r) for r in records)
+    how = "reusing containers" if reuse else "containers per case"
+    log(f"sweep of {len(records)} cases, {how}: {wall_s:.1f} s for {workload_s:.1f} s of workload "
+        f"(overhead {(wall_s - workload_s) / workload_s:.0%}); by phase {clock.seconds_by_phase()}")
+    fig = figure(f"overhead.sweep.{'reuse' if reuse else 'fresh'}",
+                 f"wall time of a {len(records)}-case sweep, {how}", "s", [wall_s],
+                 reference="sum of its workloads", reference_samples=[workload_s],
+                 target={"max": 1.2} if reuse else None)
+    return fig, {"cases": len(records), "reuse": reuse, "wall_s": round(wall_s, 2),
+                 "workload_s": round(workload_s, 2), "seconds_by_phase": clock.seconds_by_phase(),
+                 "per_case_workload_s": [round(_workload_s(r), 3) for r in records]}
+
+
+def run(quick: bool, log: Log) -> dict:
+    """Every overhead figure; ``quick`` uses fewer repetitions and containers."""
+    build_image()
+    figures, rows = [], []
+    for replicas in ((1, 10) if quick else (1, 10, 50)):
+        fig, timings = per_case(replicas, 1 if quick else 3, log)
+        figures.append(fig)
+        rows += timings
+    sweeps = []
+    # The quick run measures only the sweep the target is about.
+    for reuse in ((True,) if quick else (False, True)):
+        fig, details = sweep(reuse, log, quick=quick)
+        figures.append(fig)
+        sweeps.append(details)
+    return {"figures": figures, "details": {"per_case": rows, "sweeps": sweeps}}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick, lambda text: print(text, file=sys.stderr, flush=True)), indent=1))

@@ -1,0 +1,88 @@
+"""Run every benchmark and write the results file and BENCHMARKS.md.
+
+    BASE_IMAGE=... python3 bench/run.py            # full run: bench/results/benchmarks.json,
+                                                   # BENCHMARKS.md and the README's headline
+    BASE_IMAGE=... python3 bench/run.py --quick    # under 10 minutes: bench/results/quick.json + quick.md
+    python3 bench/run.py --only echo,scale         # some of them
+
+Benchmarks, not tests: each measures on real containers of a project of its
+own (removed afterwards) and reports figures against references measured in
+the same run. The results file is written again after each benchmark, so an
+interrupted run keeps what it measured. Exit status 0 when every benchmark
+ran (a missed target is a finding, not a failure), 1 when one could not run,
+2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS_SCHEMA, ROOT, environment  # noqa: E402
+from render import render, replace_headline  # noqa: E402
+
+BENCHMARKS = ("fidelity", "overhead", "echo", "scale")
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+def _log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def _write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer points and repetitions (under 10 minutes)")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/benchmarks.json, "
+                                                 "or quick.json with --quick)")
+    args = parser.parse_args(argv)
+    chosen = BENCHMARKS if not args.only else tuple(name.strip() for name in args.only.split(","))
+    unknown = [name for name in chosen if name not in BENCHMARKS]
+    if unknown:
+        parser.error(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+    full = not args.quick and chosen == BENCHMARKS and args.out is None
+    out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "benchmarks.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    results = {"schema": RESULTS_SCHEMA, "quick": args.quick, "environment": environment(),
+               "duration_s": None, "benchmarks": {}}
+    started = time.monotonic()
+    failed = False
+    for name in chosen:
+        _log(f"benchmark {name}{' (quick)' if args.quick else ''}")
+        bench_started = time.monotonic()
+        try:
+            section = importlib.import_module(name).run(args.quick, _log)
+        except Exception as exc:  # one broken benchmark must not lose the others' results
+            traceback.print_exc()
+            section, failed = {"error": f"{type(exc).__name__}: {exc}"}, True
+        section["duration_s"] = round(time.monotonic() - bench_started, 1)
+        results["benchmarks"][name] = section
+        results["duration_s"] = round(time.monotonic() - started, 1)
+        _write(out, json.dumps(results, indent=1) + "\n")
+        _log(f"benchmark {name}: {section['duration_s']} s; results so far in {out}")
+
+    markdown = ROOT / "BENCHMARKS.md" if full else out.with_suffix(".md")
+    _write(markdown, render(results))
+    if full:
+        readme = ROOT / "README.md"
+        _write(readme, replace_headline(readme.read_text(encoding="utf-8"), results))
+    _log(f"done in {results['duration_s']} s: {out}, {markdown}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
