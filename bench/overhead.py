@@ -71,8 +71,10 @@ matrix:
   clients.load.workload.bytes: [24MB, 48MB]
 """
 # The runner's progress messages that open each phase of a case, by phase name.
-PHASES = (("start kept containers", "starting the containers"), ("start server", "starting the server"), ("start clients", "starting client"),
-          ("run", "running"), ("collect", "collecting results"), ("tear down", "tearing down"))
+# With containers per case, "start server" covers the clients' start too (one compose up).
+PHASES = (("start kept containers", "starting the containers"), ("start server", "starting the server"),
+          ("start clients", "starting client"), ("run", "running"), ("collect", "collecting results"),
+          ("tear down", "tearing down"))
 
 
 def _workload_s(record: dict) -> float:

@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = BENCHMARKS if not args.only else tuple(name.strip() for name in args.only.split(","))
     unknown = [name for name in chosen if name not in BENCHMARKS]
     if unknown:
-        parser.error(f"--only: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
+        print(f"bench/run.py: --only: {unknown[0]!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}",
+              file=sys.stderr)
+        return 2
     full = not args.quick and chosen == BENCHMARKS and args.out is None
     out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "benchmarks.json")
     out.parent.mkdir(parents=True, exist_ok=True)

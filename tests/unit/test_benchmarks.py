@@ -1,0 +1,97 @@
+"""The committed benchmark results, BENCHMARKS.md and the README's headline agree.
+
+No benchmark runs here (they are benchmarks, not tests: `python3 bench/run.py`);
+this checks that every figure a reader sees comes from the committed results
+file, that each missed target is explained, and the figure arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+import findings  # noqa: E402
+import render  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "benchmarks.json"
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return json.loads(RESULTS.read_text(encoding="utf-8"))
+
+
+def test_benchmarks_md_is_the_rendering_of_the_committed_results(results):
+    assert (ROOT / "BENCHMARKS.md").read_text(encoding="utf-8") == render.render(results), \
+        "BENCHMARKS.md differs from bench/results/benchmarks.json: run bench/render.py"
+
+
+def test_readme_headline_is_the_rendering_of_the_committed_results(results):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert render.render_headline(results) in readme, "README's headline block is stale: run bench/run.py"
+
+
+def test_the_committed_run_is_complete(results):
+    assert results["schema"] == common.RESULTS_SCHEMA
+    assert results["quick"] is False
+    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale"}
+    for name, bench in results["benchmarks"].items():
+        assert "error" not in bench, f"{name}: {bench.get('error')}"
+        assert bench["figures"], name
+    for key in ("when", "git_revision", "host_kernel", "cpus", "docker", "compose"):
+        assert results["environment"][key], key
+
+
+def test_every_figure_is_its_samples_against_its_reference(results):
+    for fig in (f for b in results["benchmarks"].values() for f in b["figures"]):
+        if "error" in fig:
+            continue
+        again = common.figure(fig["id"], fig["label"], fig["unit"], fig["value"]["samples"],
+                              reference=fig["reference"]["label"],
+                              reference_samples=fig["reference"]["samples"], target=fig["target"])
+        # Samples are stored rounded to four digits, so the ratios are recomputed to that.
+        assert again["ratio"]["median"] == pytest.approx(fig["ratio"]["median"], rel=1e-3), fig["id"]
+        assert again["met"] == fig["met"] or abs(again["ratio"]["median"] - fig["ratio"]["median"]) < 1e-3
+
+
+def test_every_missed_target_is_explained_and_every_headline_exists(results):
+    missed = [f["id"] for f in render.missed(results)]
+    assert [fid for fid in missed if fid not in findings.WHY] == []
+    ids = {f["id"] for b in results["benchmarks"].values() for f in b["figures"]}
+    assert [fid for fid, _ in findings.HEADLINE if fid not in ids] == []
+    assert findings.HEADLINE, "the README quotes no headline ratio"
+
+
+def test_figure_ratios_are_pairwise_and_targets_judged_on_the_median():
+    fig = common.figure("x", "x", "s", [1.0, 3.0, 2.0], reference="r", reference_samples=[2.0, 2.0, 1.0],
+                        target={"max": 1.2})
+    assert fig["ratio"]["samples"] == [0.5, 1.5, 2.0]
+    assert (fig["ratio"]["median"], fig["ratio"]["min"], fig["ratio"]["max"]) == (1.5, 0.5, 2.0)
+    assert fig["value"]["median"] == 2.0 and fig["met"] is False
+    assert common.target_met({"within": 0.05}, 1.049) and not common.target_met({"within": 0.05}, 0.949)
+    assert common.target_met({"min": 1.0}, 1.0) and not common.target_met({"min": 1.0}, 0.999)
+    with pytest.raises(ValueError):
+        common.figure("x", "x", "s", [1.0], reference="r", reference_samples=[1.0, 2.0])
+
+
+def test_spans_print_median_and_range():
+    assert render.span(common.spread([3.0, 1.0, 2.0]), "ms") == "2 (1–3) ms"
+    assert render.span(common.spread([12345.6]), "req/s") == "12,346 req/s"
+    assert render.span(common.spread([])) == "–"
+
+
+def test_run_refuses_an_unknown_benchmark_in_one_sentence():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--only", "fidelity,speed"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale"]
