@@ -403,7 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SocklabError as exc:
         if debug:
             raise
-        print(f"lab.py: {exc}", file=sys.stderr)
+        message = str(exc)
+        # The parser's own errors already begin with its name ("lab.py run: ...").
+        print(message if message.startswith("lab.py") else f"lab.py: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("lab.py: interrupted", file=sys.stderr)
