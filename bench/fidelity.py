@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (TCP_PAYLOAD_PER_FRAME, Log, bench_lab, build_image, failed_figure, figure,  # noqa: E402
+from common import (TCP_PAYLOAD_PER_FRAME, Log, bench_lab, build_image, figure,  # noqa: E402
                     iperf3_json_script, json_after, link_env, run_in_client)
 
 BULK_PORT = 5000

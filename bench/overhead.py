@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -31,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Log, ROOT, build_image, figure  # noqa: E402
+from common import Log, build_image, figure  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
 from labkit.config import load_experiment_text  # noqa: E402
 from labkit.docker_api import DockerAPI  # noqa: E402
-from labkit.matrix import expand_runs  # noqa: E402
+from labkit.matrix import expand_cases, expand_runs  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
 from labkit.runner import CaseRunner  # noqa: E402
 from labkit import scenario  # noqa: E402
@@ -96,7 +95,7 @@ def _bare_up_down(override: Path, services: list[str]) -> float:
 def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict]]:
     """The overhead figure for ``replicas`` client containers, and every repetition's timings."""
     experiment = load_experiment_text(CASE_EXPERIMENT.format(replicas=replicas), "bench-overhead.yaml")
-    (case, _), = expand_runs(experiment_cases(experiment))
+    (case, _), = expand_runs(expand_cases(experiment))
     api = DockerAPI()
     lab_s, bare_s, rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,12 +121,6 @@ def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict
     return figure(f"overhead.case.{replicas}", f"seconds per case outside the workload, {replicas} client "
                   f"container(s)", "s", lab_s, reference="bare `docker compose up -d` + `down`",
                   reference_samples=bare_s, target={"max": 1.2}), rows
-
-
-def experiment_cases(experiment):
-    """The experiment's cases (a local import keeps the CLI's helpers out of the benchmark's way)."""
-    from labkit.matrix import expand_cases
-    return expand_cases(experiment)
 
 
 class PhaseClock:
@@ -160,7 +153,7 @@ def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
     """
     text = SWEEP_EXPERIMENT.replace("[24MB, 48MB]", "[6MB, 12MB]") if quick else SWEEP_EXPERIMENT
     experiment = load_experiment_text(text, "bench-sweep.yaml")
-    runs = expand_runs(experiment_cases(experiment))
+    runs = expand_runs(expand_cases(experiment))
     api = DockerAPI()
     clock = PhaseClock()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ failure.
 from __future__ import annotations
 
 import json
+import posixpath
 import secrets
 import shlex
 import time
@@ -30,6 +31,7 @@ from typing import Callable, Protocol
 import yaml
 
 from socklab.errors import EngineError, SocklabError
+from socklab.entry import ENV_KEEP
 from socklab.results import find_results
 
 from . import records, scenario
@@ -106,6 +108,9 @@ class ExecRole:
         return self.job.wait(0)
 
     def stop(self) -> None:
+        # Only the server has a way to be signalled (its pid file). A client
+        # past the timeout is left running: a case that does not end ok takes
+        # its kept project down, and that stops it.
         if self.stop_argv and self.job.running():
             self.api.exec(self.container, self.stop_argv)
 
@@ -131,6 +136,11 @@ class _KeptProject:
 class _Outcome:
     status: str
     error: str | None
+
+
+def _entry_command(role_argv: list[str]) -> str:
+    """The shell words that run a role through the image's entrypoint (what a kept container execs)."""
+    return shlex.join(["python3", "-m", "socklab", "entry", *role_argv])
 
 
 def _last_line(text: str) -> str:
@@ -239,13 +249,12 @@ class CaseRunner:
         """Start the case's roles in the kept containers, the server's first."""
         experiment = case.experiment
         containers = self.api.containers(project.name)
-        keep = {"SOCKLAB_KEEP_CONTAINER": "1"}
+        keep = {ENV_KEEP: "1"}
         self.progress("starting the server")
         (server_container,) = [c for c in containers if c.service == scenario.SERVER_SERVICE]
-        server_argv = shlex.join(["python3", "-m", "socklab", "entry", *scenario.server_argv(experiment)])
         server = ExecRole(self.api, self.api.start_exec(server_container, [
-            "sh", "-c", f"mkdir -p {shlex.quote(SERVER_PID_PATH.rsplit('/', 1)[0])} && echo $$ > "
-                        f"{SERVER_PID_PATH} && exec {server_argv}"], keep),
+            "sh", "-c", f"mkdir -p {posixpath.dirname(SERVER_PID_PATH)} && echo $$ > {SERVER_PID_PATH} && "
+                        f"exec {_entry_command(scenario.server_argv(experiment))}"], keep),
                           stop_argv=["sh", "-c", f"kill -TERM $(cat {SERVER_PID_PATH})"])
         roles.append(server)
         deadline = time.monotonic() + 60
@@ -257,11 +266,11 @@ class CaseRunner:
             time.sleep(POLL_S / 20)
         self.progress(f"starting {', '.join(scenario.client_services(experiment))}")
         for group in experiment.clients:
-            argv = shlex.join(["python3", "-m", "socklab", "entry", *scenario.client_argv(group, trace=self.trace)])
+            command = _entry_command(scenario.client_argv(group, trace=self.trace))
             for container in (c for c in containers if c.service == scenario.client_service(group)):
                 # A trace left by the previous case must not pass for this one's.
                 roles.append(ExecRole(self.api, self.api.start_exec(container, [
-                    "sh", "-c", f"rm -f {scenario.TRACE_PATH} && exec {argv}"], keep)))
+                    "sh", "-c", f"rm -f {scenario.TRACE_PATH} && exec {command}"], keep)))
         return None
 
     def _drive(self, project: ComposeProject, case: Case, started: float, start,
@@ -293,7 +302,7 @@ class CaseRunner:
                                            f"still running: {', '.join(r.container.name for r in running)}")
             # Wakes as soon as that role ends, not at the next poll.
             running[0].wait(min(POLL_S, max(0.01, deadline - now)))
-        failed = [(r, r.exit_code()) for r in clients if r.exit_code()]
+        failed = [(r, code) for r, code in ((r, r.exit_code()) for r in clients) if code]
         if failed:
             first, code = failed[0]
             return _Outcome("failed", f"{first.container.service} exited with status {code}: "

@@ -128,13 +128,6 @@ def hold() -> int:
     return 0
 
 
-def leave_as_found() -> None:
-    """Remove the link and its state file after a case in a kept container."""
-    from . import shaping
-
-    shaping.remove_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
-
-
 def main(argv: list[str]) -> int:
     """Shape, prepare, then run the role named in ``argv`` without privileges."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -168,5 +161,5 @@ def main(argv: list[str]) -> int:
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
         report_link(final)
     if kept:
-        leave_as_found()
+        shaping.remove_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
     return code
