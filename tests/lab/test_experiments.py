@@ -22,7 +22,10 @@ FAST_VARIANTS = {
     "slow-client": [],
     "busy-poll": ["--set", "clients.sender.workload.bytes=2MB"],
     "send-buffer": ["--set", "clients.sender.sndbuf=1MiB"],
-    "concurrency": ["--set", "clients.load.connections=100", "--set", "clients.load.workload.requests=20"],
+    # The configured 50 round trips each: with 20, a threaded server's first
+    # connections could end before a container's last one was accepted (94 of
+    # 100 at once, seen in CI), which the overlap expectation does not allow.
+    "concurrency": ["--set", "clients.load.connections=100"],
     "link-change": [],
     "lossy-link": ["--set", "clients.big.workload.requests=20"],
 }
