@@ -169,13 +169,15 @@ class LinkValueError(UsageError):
     """A link value or combination the model refuses; ``label`` names where it came from.
 
     ``reason`` is the sentence without the label, for callers (the experiment
-    loader) that name the place their own way (file, line, key).
+    loader) that name the place their own way (file, line, key); ``candidates``
+    are the labels of every value given that takes part, ``label`` first.
     """
 
-    def __init__(self, label: str, reason: str):
+    def __init__(self, label: str, reason: str, candidates: tuple[str, ...] = ()):
         super().__init__(f"{label}: {reason}")
         self.label = label
         self.reason = reason
+        self.candidates = candidates or (label,)
 
 
 def parse_value(key: str, value: object) -> Any:
@@ -314,29 +316,29 @@ class LinkChanges:
             shapes[direction] = shape
         return LinkSpec(**shapes)
 
-    def _blame(self, direction: str, keys: tuple[str, ...]) -> str:
-        """The label of the first of ``keys`` these changes set for ``direction``.
+    def _refuse(self, direction: str, keys: tuple[str, ...], reason: str) -> LinkValueError:
+        """The error for a rule on ``keys`` broken in ``direction``, blaming the first
+        of them these changes set.
 
         Over a valid base, a result that breaks a rule must involve a value
         these changes set, so a change (a schedule step) is always blamed for
         what it does to the link it changes, never the link's own keys.
         """
-        for key in keys:
-            if (direction, key) in self.labels:
-                return self.labels[(direction, key)]
-        return f"{direction} {keys[0]}"
+        candidates = tuple(dict.fromkeys(self.labels[(direction, key)] for key in keys
+                                         if (direction, key) in self.labels))
+        return LinkValueError(candidates[0] if candidates else f"{direction} {keys[0]}", reason, candidates)
 
     def _check(self, direction: str, shape: LinkShape) -> None:
         if shape.jitter_ms > shape.delay_ms:
-            raise LinkValueError(
-                self._blame(direction, ("jitter", "delay")),
+            raise self._refuse(
+                direction, ("jitter", "delay"),
                 f"jitter {units.format_duration(shape.jitter_ms / 1000)} is larger than the "
                 f"{direction} delay {units.format_duration(shape.delay_ms / 1000)}; a packet cannot leave "
                 "before it was sent, so the delay must be at least the jitter"
             )
         if shape.limit_pkts is not None and not shape.shaped:
-            raise LinkValueError(
-                self._blame(direction, ("limit", "rate", "delay", "jitter", "loss")),
+            raise self._refuse(
+                direction, ("limit", "rate", "delay", "jitter", "loss"),
                 f"limit {shape.limit_pkts} has no effect on the {direction} direction without "
                 "rate, delay, jitter or loss, because a queue only fills behind a rate limit or a delay"
             )
