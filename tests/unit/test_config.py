@@ -489,3 +489,46 @@ def test_when_accepts_a_list_of_values():
     assert experiment.to_dict()["expect"][0]["when"] == {"server.mode": ["epoll", "asyncio"]}
     with pytest.raises(ConfigError, match=r"t.yaml:9: expect\[0\].when.server.mode\[1\]: .*server mode"):
         load_experiment_text(text.replace("[epoll, asyncio]", "[epoll, async]"), "t.yaml")
+
+
+@pytest.mark.parametrize("argv", [["check"], ["run", "--dry-run"]])
+def test_check_and_dry_run_refuse_a_link_the_container_would_refuse_by_file_line_key(argv, tmp_path, capsys):
+    from labkit import cli
+    path = tmp_path / "jitter.yaml"
+    path.write_text("name: t\nclients:\n  - name: sender\n    link: {delay: 5ms, jitter: 10ms}\n")
+    assert cli.main([*argv, str(path)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line == (f"lab.py: {path}:4: clients[0].link.jitter: jitter 10ms is larger than the up delay 5ms; "
+                    "a packet cannot leave before it was sent, so the delay must be at least the jitter")
+    assert "SOCKLAB_" not in captured.err + captured.out
+
+
+def test_dry_run_of_a_matrix_combination_names_the_matrix_not_a_variable(tmp_path, capsys):
+    from labkit import cli
+    path = tmp_path / "combo.yaml"
+    path.write_text("name: t\nclients:\n  - name: a\n    link: {delay: 10ms}\nmatrix:\n"
+                    "  clients.a.link.delay: [10ms, 1ms]\n  clients.a.link.jitter: [0ms, 5ms]\n")
+    assert cli.main(["run", "--dry-run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lab.py: {path}:7: matrix.clients.a.link.jitter[1]: jitter 5ms is larger than the up "
+                          "delay 1ms") and "SOCKLAB_" not in err
+
+
+def test_container_memory_is_a_setting_that_round_trips():
+    exp = load("name: t\ncontainer_memory: 8GiB\nclients:\n  - name: sender\n    workload: {bytes: 600MB}\n")
+    assert exp.container_memory_bytes == 8 << 30 and exp.to_dict()["container_memory"] == "8GiB"
+    assert load(yaml.safe_dump(exp.to_dict(), sort_keys=False)) == exp
+    assert load(MINIMAL).to_dict()["container_memory"] == "1GiB"
+    assert load(MINIMAL, ["container_memory=1500MiB"]).container_memory_bytes == 1500 << 20
+    with pytest.raises(ConfigError, match=r"^configs/t.yaml: --set container_memory: 'x' is not a size"):
+        load(MINIMAL, ["container_memory=x"])
+    with pytest.raises(ConfigError, match=r"workload.bytes: a container of group sender would hold"):
+        load(MINIMAL, ["clients.sender.workload.bytes=600MB"])
+
+
+def test_a_schedule_step_that_becomes_valid_through_an_earlier_step_loads():
+    exp = load("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms, jitter: 5ms}\nschedule:\n"
+               "  - {at: 2s, target: clients.sender, link: {delay: 4ms}}\n"
+               "  - {at: 1s, target: clients.sender, link: {jitter: 1ms}}\n")
+    assert [s.at_s for s in exp.schedule] == [2.0, 1.0]
