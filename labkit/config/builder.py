@@ -53,7 +53,6 @@ def build_experiment(raw: RawConfig) -> Experiment:
     return experiment
 
 
-
 class _Builder:
     """Validates one RawConfig; every failure names its location."""
 
