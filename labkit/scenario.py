@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from socklab import shaping, units
+from socklab import shaping
 from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
 from .compose import COMPOSE_FILE, LAB_LABEL
-from .config import ClientGroup, Experiment, LinkConfig, LinkDirection, Workload
+from .config import ClientGroup, Experiment, LinkConfig, Workload
 
 SERVER_SERVICE = "server"
 SERVER_PORT = 5000
@@ -27,52 +27,25 @@ LINK_STATE_PATH = DEFAULT_STATE_PATH
 # noticed within a case (the server never hangs on it).
 SERVER_IDLE_TIMEOUT = "60s"
 
-_LINK_KEYS = ("rate", "delay", "jitter", "loss", "limit")
-
-
 def client_service(group: ClientGroup | str) -> str:
     """The Compose service of a client group."""
     name = group if isinstance(group, str) else group.name
     return f"client-{name}"
 
 
-def _direction_values(direction: LinkDirection) -> dict[str, str]:
-    """A direction's set parameters as link-setting strings, by key."""
-    values = {}
-    if direction.rate_bps is not None:
-        values["rate"] = units.format_rate(direction.rate_bps)
-    if direction.delay_ms is not None:
-        values["delay"] = units.format_duration(direction.delay_ms / 1000)
-    if direction.jitter_ms is not None:
-        values["jitter"] = units.format_duration(direction.jitter_ms / 1000)
-    if direction.loss_pct is not None:
-        values["loss"] = f"{direction.loss_pct:g}%"
-    if direction.limit_packets is not None:
-        values["limit"] = str(direction.limit_packets)
-    return values
-
-
 def link_env(link: LinkConfig) -> dict[str, str]:
     """The ``SOCKLAB_LINK_*`` variables that make a container shape ``link``.
 
-    Every variable is present (empty when unset), so nothing from the base
-    compose file or the user's environment leaks into a case's link.
+    Rendered by the container's own link model (its inverse parses them), every
+    variable present (empty when unset), so nothing from the base compose file or
+    the user's environment leaks into a case's link.
     """
-    env = {}
-    for prefix, direction in (("", link.both), ("UP_", link.up), ("DOWN_", link.down)):
-        values = _direction_values(direction)
-        for key in _LINK_KEYS:
-            env[f"SOCKLAB_LINK_{prefix}{key.upper()}"] = values.get(key, "")
-    env["SOCKLAB_LINK_BACKEND"] = link.backend or "auto"
-    return env
+    return shaping.env_from_changes(link.changes(), link.backend or "auto")
 
 
 def link_assignments(change: LinkConfig) -> list[str]:
     """A schedule step's change as `shape set` words (``rate=1mbit``, ``up.delay=5ms``)."""
-    words = [f"{k}={v}" for k, v in _direction_values(change.both).items()]
-    for name in ("up", "down"):
-        words += [f"{name}.{k}={v}" for k, v in _direction_values(getattr(change, name)).items()]
-    return words
+    return shaping.assignments_from_changes(change.changes())
 
 
 def server_workload(experiment: Experiment) -> str:
@@ -200,16 +173,16 @@ def kept_override(override: dict[str, Any]) -> dict[str, Any]:
 def shaping_plans(experiment: Experiment) -> dict[str, list[list[str]]]:
     """Every tc/ip command each service's containers would run, for a dry run.
 
-    Built by the same functions the containers use, from the same variables;
-    the backend is what the link asks for ('auto' is shown as netem, the kernel
-    qdisc it prefers — the real choice is made by probing the kernel).
+    Built by the functions the containers use, from each link as the loader
+    resolved (and validated) it; the backend is what the link asks for ('auto' is
+    shown as netem, the kernel qdisc it prefers — the real choice is made by
+    probing the kernel).
     """
     links = {SERVER_SERVICE: experiment.server.link}
     links.update({client_service(g): g.link for g in experiment.clients})
     plans = {}
     for service, link in links.items():
-        env = link_env(link)
-        spec = shaping.link_spec_from_env(env)
-        backend = shaping.backend_from_env(env)
+        spec = link.spec
+        backend = link.backend or "auto"
         plans[service] = shaping.build_plan(spec, "netem" if backend == "auto" else backend) if spec.shaped else []
     return plans

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 from .errors import UsageError
 
@@ -107,3 +108,11 @@ def format_duration(seconds: float) -> str:
     if us % 1000 == 0:
         return f"{us // 1000}ms"
     return f"{us}us"
+
+
+def format_number(number: float) -> str:
+    """A number in the shortest digits that read back to it, never with an exponent
+    (which the parsers above do not accept): 1.1 -> '1.1', 20.0 -> '20', 1e-05 -> '0.00001'."""
+    # Decimal(repr()) keeps repr's shortest round-tripping digits.
+    text = format(Decimal(repr(float(number))), "f")
+    return text[:-2] if text.endswith(".0") else text

@@ -10,6 +10,7 @@ from labkit.config import (
     load_experiment_text, parse_raw,
 )
 from socklab.errors import UsageError
+from socklab.shaping import LinkShape
 
 # The example experiment from SPEC.md, verbatim.
 SPEC_EXAMPLE = """\
@@ -118,7 +119,7 @@ def test_workload_units_and_defaults(workload, expected):
     ("{loss: 0.1%}", "loss_pct", 0.1),
     ("{loss: 100%}", "loss_pct", 100.0),
     ("{loss: 5}", "loss_pct", 5.0),
-    ("{limit: 50}", "limit_packets", 50),
+    ("{rate: 1mbit, limit: 50}", "limit_packets", 50),
     ("{backend: userspace}", "backend", "userspace"),
 ])
 def test_link_units(link, attr, value):
@@ -135,8 +136,10 @@ def test_per_direction_overrides_merge_over_shared_parameters():
     exp = load("name: t\nclients:\n  - name: c\n    link: {rate: 10mbit, delay: 20ms, up: {rate: 1mbit}, "
                "down: {loss: 1%}}\n")
     link = exp.group("c").link
-    assert link.effective_up == LinkDirection(rate_bps=1_000_000, delay_ms=20.0)
-    assert link.effective_down == LinkDirection(rate_bps=10_000_000, delay_ms=20.0, loss_pct=1.0)
+    # Resolved by the container's own link model.
+    assert link.spec.up == link.effective_up == LinkShape(rate_bps=1_000_000, delay_ms=20.0)
+    assert link.spec.down == link.effective_down == LinkShape(rate_bps=10_000_000, delay_ms=20.0, loss_pct=1.0)
+    assert link.up == LinkDirection(rate_bps=1_000_000) and link.both.delay_ms == 20.0
 
 
 def test_anchors_and_merge_keys_work():
@@ -294,6 +297,81 @@ BAD = [
      "clients[0].name: the tag tag:yaml.org,2002:python/object/apply:os.system is not allowed here"),
     ("name: t\nclients:\n  - name: !!python/name:os.system ''\n", 3,
      "this is not valid YAML: could not determine a constructor"),
+    # Links the container would refuse, refused at load by its own link model.
+    ("name: t\nclients:\n  - name: sender\n    link: {delay: 5ms, jitter: 10ms}\n", 4,
+     "clients[0].link.jitter: jitter 10ms is larger than the up delay 5ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nclients:\n  - name: sender\n    link:\n      delay: 5ms\n      up: {jitter: 10ms}\n", 6,
+     "clients[0].link.up.jitter: jitter 10ms is larger than the up delay 5ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nclients:\n  - name: sender\n    link:\n      delay: 20ms\n      jitter: 10ms\n      down:\n"
+     "        delay: 2ms\n", 6, "clients[0].link.jitter: jitter 10ms is larger than the down delay 2ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nserver:\n  link: {jitter: 1ms}\nclients:\n  - name: sender\n", 3,
+     "server.link.jitter: jitter 1ms is larger than the up delay 0ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nclients:\n  - name: sender\n    link: {limit: 100}\n", 4,
+     "clients[0].link.limit: limit 100 has no effect on the up direction without rate, delay, jitter or loss, because a queue only fills behind"),
+    ("name: t\nclients:\n  - name: sender\n    link:\n      down: {rate: 1mbit}\n      up: {limit: 100}\n", 6,
+     "clients[0].link.up.limit: limit 100 has no effect on the up direction without rate, delay, jitter or loss, because a queue only fills behind"),
+    ("name: t\nserver:\n  link: {limit: 10}\nclients:\n  - name: sender\n", 3, "server.link.limit: limit 10 has no effect on the up direction without rate, delay, jitter or loss, because a queue only fills behind"),
+    ("name: t\nclients:\n  - name: sender\n    link: {rate: none}\n", 4,
+     "clients[0].link.rate: 'none' is not a rate: use a number with bit, kbit, mbit or gbit (e.g. 10mbit), "
+     "or leave rate out for no limit"),
+    ("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms, jitter: 5ms}\nmatrix:\n"
+     "  clients.sender.link.delay: [20ms, 2ms]\n", 6,
+     "matrix.clients.sender.link.delay[1]: jitter 5ms is larger than the up delay 2ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms}\nmatrix:\n"
+     "  clients.sender.link.up.jitter: [1ms, 25ms]\n", 6,
+     "matrix.clients.sender.link.up.jitter[1]: jitter 25ms is larger than the up delay 20ms; a packet cannot leave before it was sent, so the delay must be at least the jitter"),
+    ("name: t\nclients:\n  - name: sender\n    link: {rate: 1mbit, limit: 100}\nmatrix:\n"
+     "  clients.sender.link.rate: [10mbit]\n  clients.sender.link.up.rate: [none]\n", 7,
+     "matrix.clients.sender.link.up.rate[0]: 'none' is not a rate"),
+    # Schedule steps, over the link as it is when they run (earlier steps on it, in `at` order).
+    ("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms, jitter: 5ms}\nschedule:\n  - at: 1s\n"
+     "    target: clients.sender\n    link: {delay: 10ms}\n  - at: 2s\n    target: clients.sender\n    link:\n"
+     "      up: {delay: 2ms}\n", 12,
+     "schedule[1].link.up.delay: jitter 5ms is larger than the up delay 2ms; a packet cannot leave before it was sent, so the delay must be at least the jitter (at 2s this step changes the "
+     "link of clients.sender, which is then: up delay 10ms jitter 5ms, down delay 10ms jitter 5ms)"),
+    ("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms}\nschedule:\n  - at: 3s\n"
+     "    target: clients.sender\n    link: {delay: 1ms}\n  - at: 1s\n    target: clients.sender\n"
+     "    link: {jitter: 5ms}\n", 8,
+     "schedule[0].link.delay: jitter 5ms is larger than the up delay 1ms; a packet cannot leave before it was sent, so the delay must be at least the jitter (at 3s this step changes the "
+     "link of clients.sender, which is then: up delay 20ms jitter 5ms, down delay 20ms jitter 5ms)"),
+    ("name: t\nserver:\n  link: {delay: 5ms, limit: 100}\nclients:\n  - name: sender\nschedule:\n  - at: 1s\n"
+     "    target: server\n    link: {delay: 0ms}\n", 9, "schedule[0].link.delay: limit 100 has no effect on the up direction without rate, delay, jitter or loss, because a queue only fills behind"),
+    ("name: t\nclients:\n  - name: sender\nschedule:\n  - at: 1s\n    target: clients.sender\n"
+     "    link: {jitter: 1ms}\n", 7, "schedule[0].link.jitter: jitter 1ms is larger than the up delay 0ms"),
+    # Loads no container can carry.
+    ("name: t\nclients:\n  - name: sender\n    connections: 28233\n    workload: {kind: connect}\n", 4,
+     "clients[0].connections: 28233 connections from one container need as many ephemeral ports, and one source "
+     "address has 28232 towards the server's port (net.ipv4.ip_local_port_range 32768-60999): use at most 28232 "
+     "per container and more replicas"),
+    ("name: t\nclients:\n  - name: a\n    replicas: 1000\n    workload: {kind: connect}\n  - name: b\n"
+     "    replicas: 23\n    workload: {kind: connect}\n", 7,
+     "clients[1].replicas: 23 replicas make 1024 containers in a case, and Compose puts them on one bridge network, "
+     "which takes at most 1023 (the server and 1022 client replicas in all)"),
+    ("name: t\nclients:\n  - name: sender\n    workload: {kind: bulk, bytes: 600MB}\n", 4,
+     "clients[0].workload.bytes: a container of group sender would hold about 1.137 GiB (the interpreter 20 MiB, "
+     "the 572.2 MiB payload every connection shares, 1.118 GiB while it is built, 1 connection(s) × 84 KiB "
+     "(a 64 KiB receive and a thread)), more than the 1 GiB a container may hold (container_memory; raise it if the host has more)"),
+    ("name: t\nclients:\n  - name: sender\n    connections: 20000\n    workload: {kind: echo}\n", 4,
+     "clients[0].connections: a container of group sender would hold about 1.622 GiB (the interpreter 20 MiB, the 1 KiB "
+     "payload every connection shares, 1.99 KiB while it is built, 20000 connection(s) × 84 KiB"),
+    ("name: t\nserver: {mode: epoll}\nclients:\n  - name: a\n    replicas: 10\n    connections: 400\n"
+     "    mode: epoll\n    workload: {kind: echo}\n", 6,
+     "clients[0].connections: the server container would hold about 1.004 GiB (the interpreter 20 MiB, one 1 KiB "
+     "recv buffer, 4000 connection(s) × 258 KiB (bookkeeping, up to 256 KiB of echo output queued and one read "
+     "past it)) for the 4000 connections of the client groups up to a, more than the 1 GiB a container may hold (container_memory; raise it if the host has more)"),
+    ("name: t\nserver: {mode: threaded, recv_size: 16MiB}\nclients:\n  - name: a\n    connections: 100\n"
+     "    mode: epoll\n    workload: {kind: echo}\n", 2,
+     "server.recv_size: the server container would hold about 1.584 GiB (the interpreter 20 MiB, 100 connection(s) "
+     "× 16.02 MiB (its own 16 MiB recv buffer and thread))"),
+    ("name: t\ncontainer_memory: 64MiB\nclients:\n  - name: sender\n    workload: {kind: bulk, bytes: 64MiB}\n",
+     5, "clients[0].workload.bytes: a container of group sender would hold about 148.1 MiB (the interpreter 20 MiB, "
+     "the 64 MiB payload every connection shares, 128 MiB while it is built, 1 connection(s) × 84 KiB (a 64 KiB "
+     "receive and a thread)), more than the 64 MiB a container may hold (container_memory; raise it if the host"),
+    ("name: t\ncontainer_memory: lots\nclients:\n  - name: sender\n", 2,
+     "container_memory: 'lots' is not a size: use a whole number of bytes or one with B, KB, KiB"),
+    ("name: t\nclients:\n  - name: sender\n    workload: {kind: bulk, bytes: 1KiB}\nmatrix:\n"
+     "  clients.sender.connections: [1, 30000]\n", 6,
+     "matrix.clients.sender.connections[1]: 30000 connections from one container need as many ephemeral ports"),
     ("- name: t\n", 1, "the file must be a mapping of keys"),
     ("# nothing here\n", None, "the file is empty"),
 ]
@@ -411,3 +489,46 @@ def test_when_accepts_a_list_of_values():
     assert experiment.to_dict()["expect"][0]["when"] == {"server.mode": ["epoll", "asyncio"]}
     with pytest.raises(ConfigError, match=r"t.yaml:9: expect\[0\].when.server.mode\[1\]: .*server mode"):
         load_experiment_text(text.replace("[epoll, asyncio]", "[epoll, async]"), "t.yaml")
+
+
+@pytest.mark.parametrize("argv", [["check"], ["run", "--dry-run"]])
+def test_check_and_dry_run_refuse_a_link_the_container_would_refuse_by_file_line_key(argv, tmp_path, capsys):
+    from labkit import cli
+    path = tmp_path / "jitter.yaml"
+    path.write_text("name: t\nclients:\n  - name: sender\n    link: {delay: 5ms, jitter: 10ms}\n")
+    assert cli.main([*argv, str(path)]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line == (f"lab.py: {path}:4: clients[0].link.jitter: jitter 10ms is larger than the up delay 5ms; "
+                    "a packet cannot leave before it was sent, so the delay must be at least the jitter")
+    assert "SOCKLAB_" not in captured.err + captured.out
+
+
+def test_dry_run_of_a_matrix_combination_names_the_matrix_not_a_variable(tmp_path, capsys):
+    from labkit import cli
+    path = tmp_path / "combo.yaml"
+    path.write_text("name: t\nclients:\n  - name: a\n    link: {delay: 10ms}\nmatrix:\n"
+                    "  clients.a.link.delay: [10ms, 1ms]\n  clients.a.link.jitter: [0ms, 5ms]\n")
+    assert cli.main(["run", "--dry-run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lab.py: {path}:7: matrix.clients.a.link.jitter[1]: jitter 5ms is larger than the up "
+                          "delay 1ms") and "SOCKLAB_" not in err
+
+
+def test_container_memory_is_a_setting_that_round_trips():
+    exp = load("name: t\ncontainer_memory: 8GiB\nclients:\n  - name: sender\n    workload: {bytes: 600MB}\n")
+    assert exp.container_memory_bytes == 8 << 30 and exp.to_dict()["container_memory"] == "8GiB"
+    assert load(yaml.safe_dump(exp.to_dict(), sort_keys=False)) == exp
+    assert load(MINIMAL).to_dict()["container_memory"] == "1GiB"
+    assert load(MINIMAL, ["container_memory=1500MiB"]).container_memory_bytes == 1500 << 20
+    with pytest.raises(ConfigError, match=r"^configs/t.yaml: --set container_memory: 'x' is not a size"):
+        load(MINIMAL, ["container_memory=x"])
+    with pytest.raises(ConfigError, match=r"workload.bytes: a container of group sender would hold"):
+        load(MINIMAL, ["clients.sender.workload.bytes=600MB"])
+
+
+def test_a_schedule_step_that_becomes_valid_through_an_earlier_step_loads():
+    exp = load("name: t\nclients:\n  - name: sender\n    link: {delay: 20ms, jitter: 5ms}\nschedule:\n"
+               "  - {at: 2s, target: clients.sender, link: {delay: 4ms}}\n"
+               "  - {at: 1s, target: clients.sender, link: {jitter: 1ms}}\n")
+    assert [s.at_s for s in exp.schedule] == [2.0, 1.0]

@@ -177,3 +177,21 @@ def test_an_invalid_combination_of_valid_values_fails_expansion_naming_the_matri
         expand_cases(exp)
     assert "matrix.clients.sender.workload.bytes[0]: is a key of the bulk workload, not of connect" in str(info.value)
     assert info.value.line == 9
+
+
+@pytest.mark.parametrize("matrix, line, fragment", [
+    # Each value is valid over the file's link; together they make a jitter above the delay.
+    ({"clients.sender.link.delay": "[20ms, 1ms]", "clients.sender.link.jitter": "[0ms, 5ms]"}, 10,
+     "matrix.clients.sender.link.jitter[1]: jitter 5ms is larger than the up delay 1ms"),
+    # An epoll echo server may queue 256 KiB for each of 4 × 1000 connections: past 1 GiB; a blocking one is not.
+    ({"clients.sender.workload.kind": "[bulk, echo]", "clients.sender.connections": "[1, 1000]",
+      "server.mode": "[blocking, epoll]"}, 10,
+     "matrix.clients.sender.connections[1]: the server container would hold about 1.004 GiB"),
+])
+def test_a_combination_the_container_would_refuse_fails_expansion_naming_the_matrix(matrix, line, fragment):
+    exp = load(with_matrix(matrix, extra="server: {mode: blocking}\n").replace("    mode: blocking\n    link",
+                                                                               "    replicas: 4\n    link"))
+    with pytest.raises(ConfigError) as info:
+        expand_cases(exp)
+    assert str(info.value).startswith(f"configs/m.yaml:{line}: {fragment}"), str(info.value)
+    assert info.value.line == line

@@ -150,3 +150,16 @@ def test_kept_containers_hold_and_the_server_has_no_healthcheck_to_fail():
     assert kept["client-sender"]["depends_on"] == {"server": {"condition": "service_started"}}
     assert kept["client-sender"]["deploy"] == {"replicas": 3}
     assert kept["client-sender"]["environment"]["SOCKLAB_LINK_RATE"] == "10mbit"
+
+
+def test_link_variables_and_step_words_are_the_models_rendering_of_the_resolved_link():
+    exp = experiment()
+    link = exp.group("sender").link
+    env = scenario.link_env(link)
+    assert env == shaping.env_from_changes(link.changes(), "auto")
+    assert shaping.changes_from_env(env).resolve() == link.spec
+    step = exp.schedule[0]
+    words, backend = shaping.changes_from_assignments(scenario.link_assignments(step.link))
+    assert backend is None and words.resolve(link.spec) == step.link.changes().resolve(link.spec)
+    plans = scenario.shaping_plans(exp)
+    assert plans["client-sender"] == shaping.build_plan(link.spec, "netem")

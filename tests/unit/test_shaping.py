@@ -23,7 +23,12 @@ from socklab.shaping import (
     Capabilities,
     LinkShape,
     LinkSpec,
+    LinkValueError,
     ShapingError,
+    assignments_from_changes,
+    changes_from_env,
+    changes_from_mapping,
+    env_from_changes,
     apply_from_env,
     apply_spec,
     backend_from_env,
@@ -94,7 +99,7 @@ def test_rate_none_lifts_an_inherited_rate():
     ({"rate": "10MBps"}, "link.rate: '10MBps' is not a rate"),
     ({"down": {"delay": "20"}}, "link.down.delay: '20' is not a duration: use a number with us, ms, s, m or h"),
     ({"loss": "150%"}, "link.loss: '150%' is not a percentage: use a percentage from 0% to 100%"),
-    ({"limit": 0}, "link.limit: 0 is not a queue length: use a whole number of packets, at least 1"),
+    ({"limit": 0}, "link.limit: 0 is too small: use a whole number of packets, at least 1"),
     ({"limit": True}, "link.limit: True is not a queue length"),
     ({"limit": "12.5"}, "link.limit: '12.5' is not a queue length"),
     ({"delay": "2ms", "jitter": "5ms"},
@@ -179,6 +184,50 @@ def test_assignments_set_both_directions_or_one():
                           ("up.up=1", "up.up: unknown link key"), ("backend=fast", "backend: 'fast' is not a shaping backend")]:
         with pytest.raises(UsageError, match="^" + message):
             changes_from_assignments([word])
+
+
+ROUND_TRIP_LINKS = [
+    {},
+    {"rate": "10mbit", "delay": "20ms", "jitter": "5ms", "loss": "0.1%", "limit": 1000},
+    {"rate": "1500kbit", "delay": "1.1ms", "up": {"rate": "none", "jitter": "0.25ms"},
+     "down": {"loss": "0.001%", "limit": 5}},
+    {"down": {"delay": "250us", "rate": "999bit"}, "up": {"limit": "off", "delay": "1.5s"}},
+]
+
+
+@pytest.mark.parametrize("description", ROUND_TRIP_LINKS)
+def test_rendered_variables_and_words_parse_back_to_the_same_changes(description):
+    changes = changes_from_mapping(description)
+    env = env_from_changes(changes, "userspace")
+    assert len(env) == 16 and all(name.startswith("SOCKLAB_LINK_") for name in env)
+    again = changes_from_env(env)
+    assert (again.top, again.per_direction) == (changes.top, changes.per_direction)
+    assert backend_from_env(env) == "userspace"
+    words, backend = changes_from_assignments(assignments_from_changes(changes, "netem"))
+    assert (words.top, words.per_direction, backend) == (changes.top, changes.per_direction, "netem")
+    assert changes_from_env(env).resolve() == words.resolve() == changes.resolve()
+
+
+def test_rendering_spells_values_as_written_and_leaves_unset_ones_empty():
+    changes = changes_from_mapping({"rate": "10mbit", "delay": "20ms", "up": {"rate": "none"}})
+    env = env_from_changes(changes)
+    assert (env["SOCKLAB_LINK_RATE"], env["SOCKLAB_LINK_DELAY"], env["SOCKLAB_LINK_UP_RATE"]) == (
+        "10mbit", "20ms", "none")
+    assert env["SOCKLAB_LINK_JITTER"] == env["SOCKLAB_LINK_DOWN_RATE"] == "" and env["SOCKLAB_LINK_BACKEND"] == "auto"
+    assert assignments_from_changes(changes) == ["rate=10mbit", "delay=20ms", "up.rate=none"]
+
+
+def test_a_change_is_blamed_for_what_it_does_to_the_link_it_changes():
+    base = link_spec_from_mapping({"delay": "10ms", "jitter": "5ms", "limit": 100, "rate": "1mbit"})
+    changes, _ = changes_from_assignments(["up.delay=2ms"])
+    with pytest.raises(LinkValueError) as err:
+        changes.resolve(base)
+    assert (err.value.label, str(err.value)) == (
+        "up.delay", "up.delay: jitter 5ms is larger than the up delay 2ms; a packet cannot leave before it "
+                    "was sent, so the delay must be at least the jitter")
+    changes, _ = changes_from_assignments(["rate=none", "delay=0ms", "jitter=0ms"])
+    with pytest.raises(LinkValueError, match=r"^rate: limit 100 has no effect on the up direction"):
+        changes.resolve(base)
 
 
 def test_spec_round_trips_through_its_dict_form():

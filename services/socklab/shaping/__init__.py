@@ -14,8 +14,13 @@ from .model import (
     LinkChanges,
     LinkShape,
     LinkSpec,
+    LinkValueError,
+    assignments_from_changes,
     backend_from_env,
     changes_from_assignments,
+    changes_from_env,
+    changes_from_mapping,
+    env_from_changes,
     link_spec_from_env,
     link_spec_from_mapping,
     seed_from_env,
@@ -25,9 +30,10 @@ from .runner import Runner, ShapingError, run
 from .show import qdisc_stats
 
 __all__ = [
-    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "NetemBackend", "Runner",
-    "UserspaceBackend", "ShapingError", "apply_from_env", "apply_spec", "backend_from_env", "build_plan",
-    "build_teardown", "changes_from_assignments", "choose_backend", "get_backend", "link_spec_from_env",
+    "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "LinkValueError", "NetemBackend", "Runner",
+    "UserspaceBackend", "ShapingError", "apply_from_env", "apply_spec", "assignments_from_changes",
+    "backend_from_env", "build_plan", "build_teardown", "changes_from_assignments", "changes_from_env",
+    "changes_from_mapping", "choose_backend", "env_from_changes", "get_backend", "link_spec_from_env",
     "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "remove_link", "run",
     "seed_from_env", "set_link", "show_link", "stop_delay_line", "teardown",
 ]

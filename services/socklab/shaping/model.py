@@ -165,23 +165,56 @@ def format_percent(pct: float) -> str:
     return f"{text}%"
 
 
-def _parse_value(key: str, value: object, label: str) -> Any:
-    """One description value -> the LinkShape attribute's unit; errors name ``label``."""
-    try:
-        if key in ("rate", "limit") and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
-            return None
-        if key == "rate":
-            return units.parse_rate_bps(value)
-        if key in ("delay", "jitter"):
-            ms = units.parse_duration_s(value) * 1000
-            # tc (and netem) work in whole microseconds; rounding here keeps the
-            # recorded spec equal to what the kernel is told.
-            return round(ms, 3)
-        if key == "loss":
-            return units.parse_percent(value)
-        return _parse_limit(value)
-    except UsageError as exc:
-        raise UsageError(f"{label}: {exc}") from None
+class LinkValueError(UsageError):
+    """A link value or combination the model refuses; ``label`` names where it came from.
+
+    ``reason`` is the sentence without the label, for callers (the experiment
+    loader) that name the place their own way (file, line, key); ``candidates``
+    are the labels of every value given that takes part, ``label`` first.
+    """
+
+    def __init__(self, label: str, reason: str, candidates: tuple[str, ...] = ()):
+        super().__init__(f"{label}: {reason}")
+        self.label = label
+        self.reason = reason
+        self.candidates = candidates or (label,)
+
+
+def parse_value(key: str, value: object) -> Any:
+    """One link value (``key`` one of FIELDS) -> the LinkShape attribute's unit.
+
+    ``rate`` and ``limit`` also take ``none``/``off`` (and None): no rate limit,
+    the default queue. Raises UsageError saying what is allowed.
+    """
+    if key in ("rate", "limit") and (value is None or (isinstance(value, str) and value.strip().lower() in _NONE_WORDS)):
+        return None
+    if key == "rate":
+        return units.parse_rate_bps(value)
+    if key in ("delay", "jitter"):
+        ms = units.parse_duration_s(value) * 1000
+        # tc (and netem) work in whole microseconds; rounding here keeps the
+        # recorded spec equal to what the kernel is told.
+        return round(ms, 3)
+    if key == "loss":
+        return units.parse_percent(value)
+    return _parse_limit(value)
+
+
+def format_value(key: str, value: Any) -> str:
+    """A parsed link value as the text ``parse_value`` reads back to the same value.
+
+    The one renderer of link values: the ``SOCKLAB_LINK_*`` variables, the
+    ``shape set`` words and the experiment as written all use it.
+    """
+    if value is None:
+        return _NONE_WORDS[0]
+    if key == "rate":
+        return units.format_rate(value)
+    if key in ("delay", "jitter"):
+        return f"{units.format_number(value)}ms"
+    if key == "loss":
+        return f"{units.format_number(value)}%"
+    return str(value)
 
 
 def _parse_limit(value: object) -> int:
@@ -190,8 +223,10 @@ def _parse_limit(value: object) -> int:
         raise UsageError(f"{value!r} is not a queue length: use {allowed}")
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int):
         raise UsageError(f"{value!r} is not a queue length: use {allowed}")
+    if value < 1:
+        raise UsageError(f"{value} is too small: use {allowed}")
     return value
 
 
@@ -221,7 +256,8 @@ class LinkChanges:
     """Parsed but unresolved link values: top-level ones and per-direction ones.
 
     Values are already in LinkShape units, keyed by LinkShape attribute; a key
-    present with None clears that value.
+    present with None clears that value. ``labels`` name, per (direction, key),
+    where each value came from, for error messages.
     """
 
     top: dict[str, Any] = field(default_factory=dict)
@@ -230,13 +266,29 @@ class LinkChanges:
 
     def put(self, direction: str | None, key: str, value: object, label: str) -> None:
         """Parse and record one value; ``direction`` None means both directions."""
-        parsed = _parse_value(key, value, label)
+        try:
+            parsed = parse_value(key, value)
+        except UsageError as exc:
+            raise LinkValueError(label, str(exc)) from None
+        self.set(direction, key, parsed, label)
+
+    def set(self, direction: str | None, key: str, parsed: Any, label: str | None = None) -> None:
+        """Record one value already in LinkShape units (as ``parse_value`` returns it)."""
         target = self.top if direction is None else self.per_direction[direction]
         target[_ATTR[key]] = parsed
+        if label is None:
+            return
         for d in DIRECTIONS if direction is None else (direction,):
             # The most specific source names the value in later error messages.
             if direction is not None or (d, key) not in self.labels:
                 self.labels[(d, key)] = label
+
+    def items(self) -> Iterator[tuple[str | None, str, Any]]:
+        """(direction or None for both, key, value) for every value given, top-level first."""
+        for direction, values in ((None, self.top), *((d, self.per_direction[d]) for d in DIRECTIONS)):
+            for key in FIELDS:
+                if _ATTR[key] in values:
+                    yield direction, key, values[_ATTR[key]]
 
     def overlay(self, other: "LinkChanges") -> "LinkChanges":
         """These changes with ``other``'s on top (other wins at the same level)."""
@@ -247,28 +299,47 @@ class LinkChanges:
         return merged
 
     def resolve(self, base: LinkSpec | None = None) -> LinkSpec:
-        """Apply to ``base`` (default unshaped): top-level values, then each direction's own."""
+        """Apply to ``base`` (default unshaped): top-level values, then each direction's own.
+
+        A result no link can have raises LinkValueError labelled with the value
+        of these changes that makes it so (see ``_blame``).
+        """
         base = base or LinkSpec()
         shapes = {}
         for direction in DIRECTIONS:
             values = {**vars(getattr(base, direction)), **self.top, **self.per_direction[direction]}
-            shape = LinkShape(**values)
+            try:
+                shape = LinkShape(**values)
+            except UsageError as exc:  # only reachable with values set() was given unparsed
+                raise LinkValueError(f"{direction} link", str(exc)) from None
             self._check(direction, shape)
             shapes[direction] = shape
         return LinkSpec(**shapes)
 
+    def _refuse(self, direction: str, keys: tuple[str, ...], reason: str) -> LinkValueError:
+        """The error for a rule on ``keys`` broken in ``direction``, blaming the first
+        of them these changes set.
+
+        Over a valid base, a result that breaks a rule must involve a value
+        these changes set, so a change (a schedule step) is always blamed for
+        what it does to the link it changes, never the link's own keys.
+        """
+        candidates = tuple(dict.fromkeys(self.labels[(direction, key)] for key in keys
+                                         if (direction, key) in self.labels))
+        return LinkValueError(candidates[0] if candidates else f"{direction} {keys[0]}", reason, candidates)
+
     def _check(self, direction: str, shape: LinkShape) -> None:
         if shape.jitter_ms > shape.delay_ms:
-            where = self.labels.get((direction, "jitter"), f"{direction} jitter")
-            raise UsageError(
-                f"{where}: jitter {units.format_duration(shape.jitter_ms / 1000)} is larger than the "
+            raise self._refuse(
+                direction, ("jitter", "delay"),
+                f"jitter {units.format_duration(shape.jitter_ms / 1000)} is larger than the "
                 f"{direction} delay {units.format_duration(shape.delay_ms / 1000)}; a packet cannot leave "
                 "before it was sent, so the delay must be at least the jitter"
             )
         if shape.limit_pkts is not None and not shape.shaped:
-            where = self.labels.get((direction, "limit"), f"{direction} limit")
-            raise UsageError(
-                f"{where}: limit {shape.limit_pkts} has no effect on the {direction} direction without "
+            raise self._refuse(
+                direction, ("limit", "rate", "delay", "jitter", "loss"),
+                f"limit {shape.limit_pkts} has no effect on the {direction} direction without "
                 "rate, delay, jitter or loss, because a queue only fills behind a rate limit or a delay"
             )
 
@@ -326,6 +397,20 @@ def _env_name(direction: str | None, key: str) -> str:
     return f"{ENV_PREFIX}{middle}{key.upper()}"
 
 
+def env_from_changes(changes: LinkChanges, backend: str = "auto") -> dict[str, str]:
+    """The ``SOCKLAB_LINK_*`` variables that make a container shape ``changes`` (the inverse
+    of ``changes_from_env`` and ``backend_from_env``).
+
+    Every link variable is present, empty when unset, so nothing from a base
+    compose file or the user's environment leaks into the link.
+    """
+    env = {_env_name(d, k): "" for d in (None, *DIRECTIONS) for k in FIELDS}
+    for direction, key, value in changes.items():
+        env[_env_name(direction, key)] = format_value(key, value)
+    env[ENV_BACKEND] = parse_backend(backend, "backend")
+    return env
+
+
 def changes_from_env(environ: Mapping[str, str]) -> LinkChanges:
     """Parse ``SOCKLAB_LINK_*`` into unresolved changes (see ``link_spec_from_env``)."""
     known = {_env_name(d, k): (d, k) for d in (None, *DIRECTIONS) for k in FIELDS}
@@ -363,6 +448,15 @@ def seed_from_env(environ: Mapping[str, str]) -> int | None:
     """``SOCKLAB_LINK_SEED``: the delay line's seed, or None (unseeded) when unset or empty."""
     value = environ.get(ENV_SEED, "").strip()
     return parse_seed(value, ENV_SEED) if value else None
+
+
+def assignments_from_changes(changes: LinkChanges, backend: str | None = None) -> list[str]:
+    """``shape set`` words for ``changes`` (the inverse of ``changes_from_assignments``)."""
+    words = [f"{direction}.{key}={format_value(key, value)}" if direction else f"{key}={format_value(key, value)}"
+             for direction, key, value in changes.items()]
+    if backend is not None:
+        words.append(f"backend={parse_backend(backend, 'backend')}")
+    return words
 
 
 def changes_from_assignments(words: list[str]) -> tuple[LinkChanges, str | None]:
