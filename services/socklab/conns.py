@@ -28,8 +28,8 @@ from functools import partial
 from typing import Any, Callable
 
 from .protocol import TRAILER_MAX_LEN, parse_trailer
-from .sockcall import (POLLERS, CallFailed, EventLoop, Expired, Limit, Sleep, Step, Task, Wait,
-                       earliest)
+from .pollers import POLLERS
+from .sockcall import CallFailed, EventLoop, Expired, Limit, Sleep, Step, Task, Wait, earliest
 from .tcpinfo import read_tcp_info
 from .trace import Tracer
 
@@ -178,8 +178,12 @@ class ConnBase(abc.ABC):
         if self.sock is not None:
             if self.settings.tracer is not None:
                 self.settings.tracer.unwatch(self.index)
-            self.sock.close()
+            self._close_socket()
             self.sock = None
+
+    def _close_socket(self) -> None:
+        """Close the socket and whatever wraps it."""
+        self.sock.close()
 
     def _new_socket(self) -> socket.socket:
         sock = socket.socket(self.settings.family, socket.SOCK_STREAM)
@@ -252,9 +256,30 @@ class ConnBase(abc.ABC):
     def recv_exactly(self, nbytes: int) -> Step:
         """Read an echo reply of ``nbytes``; returns what arrived."""
 
-    @abc.abstractmethod
     def finish(self) -> Step:
-        """End the protocol's way and learn the bytes delivered from the trailer."""
+        """TCP_INFO, shutdown(SHUT_WR), then read to the server's EOF: the trailer gives
+        the bytes delivered. The socket is released however it ends."""
+        try:
+            self.tcp_infos.append(read_tcp_info(self.sock))
+            yield from self._shutdown_write()
+            limit = Limit(self.clock() + self.settings.eof_wait_s, "eof")
+            tail = b""
+            while True:
+                data = yield from self._recv_step(RECV_BYTES, limit)
+                if not data:
+                    break
+                tail = (tail + data[-TRAILER_MAX_LEN:])[-TRAILER_MAX_LEN:]
+            self._take_trailer(tail)
+        finally:
+            self._drop()
+
+    @abc.abstractmethod
+    def _shutdown_write(self) -> Step:
+        """End this side's sending, the mode's way (traced as ``shutdown``)."""
+
+    @abc.abstractmethod
+    def _recv_step(self, nbytes: int, limit: Limit | None) -> Step:
+        """One traced receive of at most ``nbytes``; returns the bytes (b"" at EOF)."""
 
 
 class SocketConn(ConnBase):
@@ -423,23 +448,11 @@ class SocketConn(ConnBase):
             self.last_reply_at = self.clock()
         return received
 
-    def finish(self) -> Step:
-        """TCP_INFO, shutdown(SHUT_WR), then read to EOF: the trailer gives bytes delivered."""
-        sock = self.sock
-        try:
-            self.tcp_infos.append(read_tcp_info(sock))
-            yield from self._call("shutdown", partial(sock.shutdown, socket.SHUT_WR), 0, True, None)
-            limit = Limit(self.clock() + self.settings.eof_wait_s, "eof")
-            recv = partial(sock.recv, RECV_BYTES)
-            tail = b""
-            while True:
-                data = yield from self._call("recv", recv, RECV_BYTES, False, limit)
-                if not data:
-                    break
-                tail = (tail + data[-TRAILER_MAX_LEN:])[-TRAILER_MAX_LEN:]
-            self._take_trailer(tail)
-        finally:
-            self._drop()
+    def _shutdown_write(self) -> Step:
+        yield from self._call("shutdown", partial(self.sock.shutdown, socket.SHUT_WR), 0, True, None)
+
+    def _recv_step(self, nbytes: int, limit: Limit | None) -> Step:
+        return (yield from self._call("recv", partial(self.sock.recv, nbytes), nbytes, False, limit))
 
 
 def _run_alone(loop: EventLoop, conn: SocketConn, work: Step) -> None:
@@ -562,37 +575,25 @@ class AsyncConn(ConnBase):
         self.last_reply_at = self.clock()
         return nbytes
 
-    def finish(self) -> Step:
-        """TCP_INFO, write_eof() (shutdown once the buffer is flushed), read to EOF."""
-        yield self._finish_async()
+    def _shutdown_write(self) -> Step:
+        # write_eof() shuts the socket down once the transport's buffer is flushed.
+        start = self.clock()
+        self.writer.write_eof()
+        spent_s = self.clock() - start
+        self._count("shutdown", spent_s)
+        self._record(start, "shutdown", 0, 0, "", spent_s)
+        yield from ()
 
-    async def _finish_async(self) -> None:
-        try:
-            self.tcp_infos.append(read_tcp_info(self.sock))
-            start = self.clock()
-            self.writer.write_eof()
-            spent_s = self.clock() - start
-            self._count("shutdown", spent_s)
-            self._record(start, "shutdown", 0, 0, "", spent_s)
-            limit = Limit(self.clock() + self.settings.eof_wait_s, "eof")
-            tail = b""
-            while True:
-                data = await self._await("recv", RECV_BYTES, self.reader.read(RECV_BYTES), limit)
-                if not data:
-                    break
-                tail = (tail + data[-TRAILER_MAX_LEN:])[-TRAILER_MAX_LEN:]
-            self._take_trailer(tail)
-        finally:
-            self._drop()
+    def _recv_step(self, nbytes: int, limit: Limit | None) -> Step:
+        return (yield self._await("recv", nbytes, self.reader.read(nbytes), limit))
 
-    def _drop(self) -> None:
+    def _close_socket(self) -> None:
+        # Once the streams exist, the transport owns the socket.
         if self.writer is not None:
-            if self.settings.tracer is not None:
-                self.settings.tracer.unwatch(self.index)
             self.writer.close()
-            self.writer = self.reader = self.sock = None
+            self.writer = self.reader = None
         else:
-            super()._drop()
+            super()._close_socket()
 
 
 def run_asyncio(conns: list[AsyncConn], steps: list[Step]) -> None:

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import select
 import socket
 import subprocess
@@ -99,8 +100,8 @@ class ProtocolServer:
         self.listener.close()
 
 
-def _start_lab_server(workload: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "socklab", "server", "--mode", "threaded",
+def _start_lab_server(workload: str, mode: str = "threaded") -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "socklab", "server", "--mode", mode,
                              "--host", LOOPBACK, "--port", "0", "--workload", workload],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
@@ -407,6 +408,47 @@ def test_trace_records_every_send_call(slow_server, tmp_path, mode):
         assert any(r["call"] == "select" and r["conn"] == -1 for r in records)
     queued = [r["returned"] for r in records if r["call"] == "outq"]
     assert queued and max(queued) > 0
+
+
+@pytest.mark.parametrize("mode", ["select", "poll", "epoll"])
+def test_each_shared_wait_is_traced_under_its_call_name(slow_server, tmp_path, mode):
+    trace_path = tmp_path / "trace.jsonl.gz"
+    code, result, _ = run_client(*client_args(mode, slow_server.port, "bulk", "--bytes", "1MB",
+                                              "--connections", "2", "--sndbuf", "64KiB",
+                                              "--trace", str(trace_path)))
+    assert code == 0, result
+    _, records = read_trace(str(trace_path))
+    waits = [r for r in records if r["conn"] == -1]
+    assert waits and {r["call"] for r in waits} == {mode}
+    # Each wait records how many descriptors it watched and how many were ready.
+    assert all(1 <= r["asked"] <= 2 and 0 <= r["returned"] <= r["asked"] for r in waits)
+    assert sum(r["dur_s"] for r in waits) <= result["blocked_s"]
+
+
+def test_select_refuses_a_descriptor_past_fd_setsize_in_one_sentence():
+    # 1100 connections in one select loop: descriptor 1024 cannot be watched.
+    # poll and epoll serve the same load.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        assert hard == resource.RLIM_INFINITY or hard >= 1400, f"RLIMIT_NOFILE hard limit {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))  # inherited by both processes
+    proc, port = _start_lab_server("bulk", mode="epoll")
+    try:
+        results = {}
+        for mode in ("select", "poll", "epoll"):
+            results[mode] = run_client(*client_args(mode, port, "bulk", "--bytes", "1KiB",
+                                                    "--connections", "1100"))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # its result line lists 3300 connections: read it
+    code, result, _ = results["select"]
+    assert code == 1
+    assert result["errors"] == ["DescriptorLimitError: select() cannot watch descriptor 1024: it takes "
+                                "descriptors below FD_SETSIZE (1024); poll and epoll have no such limit"]
+    for mode in ("poll", "epoll"):
+        code, result, _ = results[mode]
+        assert code == 0 and result["errors"] == [], result
+        assert result["bytes_delivered"] == 1100 * 1024
 
 
 def test_tracer_round_trip_and_header(tmp_path):
