@@ -6,6 +6,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Callable
 
 from .accepting import EXHAUSTED_ACCEPT_ERRNOS, EXHAUSTED_RETRY_S, TRANSIENT_ACCEPT_ERRNOS, configure_accepted
 from .connection import Connection
@@ -86,6 +87,17 @@ def _blocking_exchange(server: Server, sock: socket.socket, conn: Connection,
         return "shutdown" if server.stopping else "reset"
 
 
+def _serve_to_the_end(server: Server, sock: socket.socket, conn: Connection, buf: bytearray,
+                      release: Callable[[socket.socket], None]) -> None:
+    """Serve one connection until it ends; ``release`` closes the socket, then the end is recorded."""
+    closed_by = "reset"  # unless the exchange says otherwise
+    try:
+        closed_by = _blocking_exchange(server, sock, conn, buf)
+    finally:
+        release(sock)
+        server.close_connection(conn, closed_by)
+
+
 class BlockingStrategy(Strategy):
     """The tutorial's iterative server: one connection at a time, all calls blocking."""
 
@@ -99,15 +111,13 @@ class BlockingStrategy(Strategy):
             if accepted is None:
                 return
             sock, conn = accepted
-            closed_by = "reset"
             self._current = sock
-            try:
-                closed_by = _blocking_exchange(server, sock, conn, buf)
-            finally:
-                # Cleared before close so that wake() never touches a closed socket.
-                self._current = None
-                sock.close()
-                server.close_connection(conn, closed_by)
+            _serve_to_the_end(server, sock, conn, buf, self._release)
+
+    def _release(self, sock: socket.socket) -> None:
+        # Cleared before close so that wake() never touches a closed socket.
+        self._current = None
+        sock.close()
 
     def wake(self, server: Server) -> None:
         # Runs in the main thread, the only one that closes these sockets, so
@@ -162,14 +172,12 @@ class ThreadedStrategy(Strategy):
         # Stop signals go to the main thread, whose accept() they must
         # interrupt; Linux would pick any thread that does not block them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        closed_by = "reset"
-        try:
-            closed_by = _blocking_exchange(server, sock, conn, bytearray(server.config.recv_size_bytes))
-        finally:
-            with self._lock:
-                del self._workers[sock]
-                sock.close()
-            server.close_connection(conn, closed_by)
+        _serve_to_the_end(server, sock, conn, bytearray(server.config.recv_size_bytes), self._release)
+
+    def _release(self, sock: socket.socket) -> None:
+        with self._lock:
+            del self._workers[sock]
+            sock.close()
 
     def wake(self, server: Server) -> None:
         # Only the main thread's accept() needs waking here (a worker calls
