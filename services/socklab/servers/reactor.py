@@ -19,7 +19,7 @@ import sys
 import time
 from collections import OrderedDict
 
-from ..pollers import EVENT_READ, EVENT_WRITE, FD_SETSIZE, Poller
+from ..pollers import EVENT_READ, EVENT_WRITE, Poller, SelectPoller
 from .accepting import EXHAUSTED_ACCEPT_ERRNOS, TRANSIENT_ACCEPT_ERRNOS, configure_accepted
 from .connection import ECHO_HIGH_WATER_BYTES, Connection
 from .lifecycle import Server, Strategy
@@ -31,16 +31,21 @@ _ACCEPTS_PER_WAKEUP = 64
 # Descriptors the process holds besides its connections (stdio, listener,
 # self-pipe, what the interpreter opened), with room to spare.
 _OWN_DESCRIPTORS = 32
-# The select server stops accepting here, so that every connection's
-# descriptor stays below FD_SETSIZE; the rest wait in the accept queue.
-SELECT_MAX_CONNECTIONS = FD_SETSIZE - _OWN_DESCRIPTORS
 
 
-def max_connections(poller: Poller) -> int:
-    """How many connections a loop over ``poller`` may hold at once."""
-    if poller.fd_limit is None:
+def max_connections(poller_class: type[Poller]) -> int:
+    """How many connections a loop over ``poller_class`` may hold at once.
+
+    Past that it stops accepting, so that every connection's descriptor stays
+    watchable; the peers beyond it wait, established, in the accept queue.
+    """
+    if poller_class.fd_limit is None:
         return sys.maxsize
-    return poller.fd_limit - _OWN_DESCRIPTORS
+    return poller_class.fd_limit - _OWN_DESCRIPTORS
+
+
+# 992: select() cannot watch a descriptor at or above FD_SETSIZE (1024).
+SELECT_MAX_CONNECTIONS = max_connections(SelectPoller)
 
 
 class _Channel:
@@ -70,7 +75,7 @@ class ReactorStrategy(Strategy):
         assert server.listener is not None
         self._server = server
         self._poller = self._poller_class()
-        self._max_connections = max_connections(self._poller)
+        self._max_connections = max_connections(self._poller_class)
         self._channels: dict[int, _Channel] = {}
         # Channels by last activity, oldest first: the next idle deadline is
         # always the first one's, and touching a channel is O(1).
