@@ -35,14 +35,16 @@ class DescriptorLimitError(SocklabError):
 
 
 class _SelectObject:
-    """select(2) behind poll's interface: ``poll`` returns (fd, mask) pairs.
+    """select(2) behind poll's interface: register/modify/unregister/poll/close.
 
-    The whole interest set is passed to the kernel on every call: what makes
-    select cost more per wait the more descriptors it watches.
+    It speaks the family's own constants and unit (seconds), so the Poller
+    over it has nothing to translate and calls it directly. The whole
+    interest set is passed to the kernel on every call: what makes select
+    cost more per wait the more descriptors it watches.
     """
 
-    IN = 1
-    OUT = 4
+    IN = EVENT_READ
+    OUT = EVENT_WRITE
 
     def __init__(self) -> None:
         self._readers: set[int] = set()
@@ -53,11 +55,14 @@ class _SelectObject:
             raise DescriptorLimitError(
                 f"select() cannot watch descriptor {fd}: it takes descriptors below "
                 f"FD_SETSIZE ({FD_SETSIZE}); poll and epoll have no such limit")
-        self.modify(fd, mask)
+        if mask & EVENT_READ:
+            self._readers.add(fd)
+        if mask & EVENT_WRITE:
+            self._writers.add(fd)
 
     def modify(self, fd: int, mask: int) -> None:
-        (self._readers.add if mask & self.IN else self._readers.discard)(fd)
-        (self._writers.add if mask & self.OUT else self._writers.discard)(fd)
+        (self._readers.add if mask & EVENT_READ else self._readers.discard)(fd)
+        (self._writers.add if mask & EVENT_WRITE else self._writers.discard)(fd)
 
     def unregister(self, fd: int) -> None:
         self._readers.discard(fd)
@@ -65,10 +70,25 @@ class _SelectObject:
 
     def poll(self, timeout_s: float | None) -> list[tuple[int, int]]:
         readable, writable, _ = select.select(self._readers, self._writers, (), timeout_s)
-        return [(fd, self.IN) for fd in readable] + [(fd, self.OUT) for fd in writable]
+        return [(fd, EVENT_READ) for fd in readable] + [(fd, EVENT_WRITE) for fd in writable]
 
     def close(self) -> None:
         pass  # select keeps no kernel state
+
+
+class _EventsOf(dict):
+    """Kernel event mask -> EVENT_READ | EVENT_WRITE, filled in as masks are seen."""
+
+    def __init__(self, ready_read: int, ready_write: int) -> None:
+        super().__init__()
+        self._ready_read = ready_read
+        self._ready_write = ready_write
+
+    def __missing__(self, mask: int) -> int:
+        events = ((EVENT_READ if mask & self._ready_read else 0)
+                  | (EVENT_WRITE if mask & self._ready_write else 0))
+        self[mask] = events
+        return events
 
 
 class Poller:
@@ -91,19 +111,26 @@ class Poller:
         if self._new is None:
             raise SocklabError(f"{self.name} is not available on this system")
         self._obj = self._new()
-        self._ready_read = self._IN | self._TROUBLE
-        self._ready_write = self._OUT | self._TROUBLE
-
-    def _mask(self, events: int) -> int:
-        return (self._IN if events & EVENT_READ else 0) | (self._OUT if events & EVENT_WRITE else 0)
+        # Both translations are table lookups: the clients' loop registers and
+        # unregisters a descriptor around every wait, so this is its hot path.
+        self._masks = (0, self._IN, self._OUT, self._IN | self._OUT)  # indexed by events
+        self._events_of = _EventsOf(self._IN | self._TROUBLE, self._OUT | self._TROUBLE)
+        self._obj_register = self._obj.register
+        self._obj_modify = self._obj.modify
+        # Where nothing needs translating, the object's own methods are used
+        # directly, without a call through this class.
+        self.unregister = self._obj.unregister
+        if self._masks == (0, EVENT_READ, EVENT_WRITE, EVENT_READ | EVENT_WRITE) and not self._TROUBLE \
+                and self._UNITS_PER_S == 1.0:
+            self.register, self.modify, self.poll = self._obj.register, self._obj.modify, self._obj.poll
 
     def register(self, fd: int, events: int) -> None:
         """Watch ``fd`` for ``events`` (EVENT_READ, EVENT_WRITE or both) until unregistered."""
-        self._obj.register(fd, self._mask(events))
+        self._obj_register(fd, self._masks[events])
 
     def modify(self, fd: int, events: int) -> None:
         """Change what a registered ``fd`` is watched for."""
-        self._obj.modify(fd, self._mask(events))
+        self._obj_modify(fd, self._masks[events])
 
     def unregister(self, fd: int) -> None:
         """Stop watching ``fd``; done before its socket may be closed."""
@@ -115,10 +142,9 @@ class Poller:
         A fractional timeout is rounded up by CPython for all three calls, so
         a loop that waits until a deadline never wakes just before it and spins.
         """
-        timeout = None if timeout_s is None else timeout_s * self._UNITS_PER_S
-        ready_read, ready_write = self._ready_read, self._ready_write
-        return [(fd, (EVENT_READ if mask & ready_read else 0) | (EVENT_WRITE if mask & ready_write else 0))
-                for fd, mask in self._obj.poll(timeout)]
+        events_of = self._events_of
+        return [(fd, events_of[mask]) for fd, mask in
+                self._obj.poll(None if timeout_s is None else timeout_s * self._UNITS_PER_S)]
 
     def close(self) -> None:
         """Release what the poller holds in the kernel (epoll's descriptor)."""
