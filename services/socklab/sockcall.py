@@ -1,10 +1,10 @@
-"""How a socket call is waited for: limits, wait requests, pollers and the event loop.
+"""How a socket call is waited for: limits, wait requests and the event loop.
 
 A connection's work is a generator. Whenever a non-blocking call meets EAGAIN,
 the generator yields ``Wait(fd, want_write, until_s)`` and is resumed with True
 (ready) or False (the limit passed); ``Sleep(until_s)`` pauses it (think time,
 a trickle's pacing). ``EventLoop`` drives any number of such generators with one
-poller call per round: that is the select/poll/epoll client, and, with a single
+poller call per round (pollers.py): that is the select/poll/epoll client, and, with a single
 generator, the thread of a non-blocking client. Blocking sockets never yield a
 ``Wait``: the kernel does their waiting inside the call.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
-import math
-import select
 import time
 from collections import deque
-from typing import Any, Callable, Generator, Iterable, NamedTuple, Protocol
+from typing import Any, Callable, Generator, Iterable, NamedTuple
+
+from .pollers import EVENT_READ, EVENT_WRITE, Poller
 
 
 class Limit(NamedTuple):
@@ -74,97 +74,6 @@ class Sleep(NamedTuple):
 Step = Generator[Any, Any, Any]
 
 
-class Poller(Protocol):
-    """What the event loop needs from select, poll or epoll."""
-
-    name: str
-
-    def register(self, fd: int, want_write: bool) -> None:
-        """Watch ``fd`` for writability (or readability) until unregistered."""
-
-    def unregister(self, fd: int) -> None:
-        """Stop watching ``fd``; done before its socket may be closed."""
-
-    def wait(self, timeout_s: float | None) -> list[int]:
-        """The watched fds that are ready, waiting at most ``timeout_s`` (None: forever)."""
-
-    def close(self) -> None:
-        """Release what the poller holds."""
-
-
-class SelectPoller:
-    """Waits with select(2)."""
-
-    name = "select"
-
-    def __init__(self) -> None:
-        self._read: set[int] = set()
-        self._write: set[int] = set()
-
-    def register(self, fd: int, want_write: bool) -> None:
-        (self._write if want_write else self._read).add(fd)
-
-    def unregister(self, fd: int) -> None:
-        self._read.discard(fd)
-        self._write.discard(fd)
-
-    def wait(self, timeout_s: float | None) -> list[int]:
-        readable, writable, _ = select.select(self._read, self._write, (), timeout_s)
-        return readable + writable
-
-    def close(self) -> None:
-        pass
-
-
-class PollPoller:
-    """Waits with poll(2)."""
-
-    name = "poll"
-
-    def __init__(self) -> None:
-        self._poll = select.poll()
-
-    def register(self, fd: int, want_write: bool) -> None:
-        self._poll.register(fd, select.POLLOUT if want_write else select.POLLIN)
-
-    def unregister(self, fd: int) -> None:
-        self._poll.unregister(fd)
-
-    def wait(self, timeout_s: float | None) -> list[int]:
-        # Rounded up: rounding down would wake just before a limit and spin.
-        timeout_ms = None if timeout_s is None else math.ceil(timeout_s * 1000)
-        return [fd for fd, _ in self._poll.poll(timeout_ms)]
-
-    def close(self) -> None:
-        pass
-
-
-class EpollPoller:
-    """Waits with epoll(7)."""
-
-    name = "epoll"
-
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
-
-    def register(self, fd: int, want_write: bool) -> None:
-        self._epoll.register(fd, select.EPOLLOUT if want_write else select.EPOLLIN)
-
-    def unregister(self, fd: int) -> None:
-        self._epoll.unregister(fd)
-
-    def wait(self, timeout_s: float | None) -> list[int]:
-        return [fd for fd, _ in self._epoll.poll(-1 if timeout_s is None else timeout_s)]
-
-    def close(self) -> None:
-        self._epoll.close()
-
-
-POLLERS: dict[str, Callable[[], Poller]] = {
-    "select": SelectPoller, "poll": PollPoller, "epoll": EpollPoller,
-}
-
-
 class Task:
     """A connection's generator and what to do when it raises."""
 
@@ -215,7 +124,7 @@ class EventLoop:
                 if isinstance(request, Sleep):
                     heapq.heappush(timers, (request.until_s, next(order), task))
                 else:
-                    poller.register(request.fd, request.want_write)
+                    poller.register(request.fd, EVENT_WRITE if request.want_write else EVENT_READ)
                     waiting[request.fd] = (task, request.until_s)
             if not waiting and not timers:
                 return
@@ -230,7 +139,7 @@ class EventLoop:
                 # Only sleepers: a pause in the workload, not a wait on a socket.
                 time.sleep(timeout_s or 0.0)
                 ready = []
-            for fd in ready:
+            for fd, _ in ready:
                 entry = waiting.pop(fd, None)
                 if entry is not None:
                     poller.unregister(fd)
@@ -244,9 +153,9 @@ class EventLoop:
             while timers and timers[0][0] <= now:
                 runnable.append((heapq.heappop(timers)[2], None))
 
-    def _wait(self, timeout_s: float | None, fds: int) -> list[int]:
+    def _wait(self, timeout_s: float | None, fds: int) -> list[tuple[int, int]]:
         start = self.clock()
-        ready = self.poller.wait(timeout_s)
+        ready = self.poller.poll(timeout_s)
         spent = self.clock() - start
         self.blocked_s += spent
         if self.trace is not None:

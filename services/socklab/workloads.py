@@ -1,6 +1,6 @@
 """The client workloads, written once for every I/O mode.
 
-Each workload is a generator over one connection (see conns.py for the
+Each workload is a generator over one connection (see conns/ for the
 interface); the mode decides how each socket call is made and waited for.
 """
 

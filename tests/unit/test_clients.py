@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import select
 import socket
 import subprocess
@@ -99,8 +100,8 @@ class ProtocolServer:
         self.listener.close()
 
 
-def _start_lab_server(workload: str) -> tuple[subprocess.Popen, int]:
-    proc = subprocess.Popen([sys.executable, "-m", "socklab", "server", "--mode", "threaded",
+def _start_lab_server(workload: str, mode: str = "threaded") -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "socklab", "server", "--mode", mode,
                              "--host", LOOPBACK, "--port", "0", "--workload", workload],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 10
@@ -309,25 +310,25 @@ def test_slow_peer_trickles_at_its_rate_and_holds_the_connection(protocol_server
 # -- limits, failures, arguments ----------------------------------------------
 
 
-def test_timeout_mode_counts_timeouts_and_keeps_going():
-    server = ProtocolServer(stall_s=0.6, rcvbuf_bytes=64 * 1024)
+def bulk_against_a_stalled_reader(stall_s: float, mode: str, *extra: str) -> tuple[int, dict | None]:
+    """A bulk client (64 KiB send buffer) against a server that starts reading after ``stall_s``."""
+    server = ProtocolServer(stall_s=stall_s, rcvbuf_bytes=64 * 1024)
     try:
-        code, result, _ = run_client(*client_args("timeout", server.port, "bulk", "--bytes", "2MB",
-                                                  "--sndbuf", "64KiB", "--timeout", "100ms"))
+        code, result, _ = run_client(*client_args(mode, server.port, "bulk", "--sndbuf", "64KiB", *extra))
     finally:
         server.close()
+    return code, result
+
+
+def test_timeout_mode_counts_timeouts_and_keeps_going():
+    code, result = bulk_against_a_stalled_reader(0.6, "timeout", "--bytes", "2MB", "--timeout", "100ms")
     assert code == 0, result
     assert result["timeouts"] >= 3
     assert result["bytes_delivered"] == result["bytes_accepted"] == 2_000_000
 
 
 def test_deadline_stops_the_workload_but_still_delivers_what_was_accepted():
-    server = ProtocolServer(stall_s=0.8, rcvbuf_bytes=64 * 1024)
-    try:
-        code, result, _ = run_client(*client_args("epoll", server.port, "bulk", "--bytes", "8MB",
-                                                  "--sndbuf", "64KiB", "--deadline", "300ms"))
-    finally:
-        server.close()
+    code, result = bulk_against_a_stalled_reader(0.8, "epoll", "--bytes", "8MB", "--deadline", "300ms")
     assert code == 1
     assert any("deadline" in e for e in result["errors"]), result["errors"]
     assert 0 < result["bytes_accepted"] < 8_000_000
@@ -384,14 +385,19 @@ def test_bad_arguments_exit_2_with_one_line(args, message):
 # -- traces --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["select", "nonblocking-spin", "blocking"])
-def test_trace_records_every_send_call(slow_server, tmp_path, mode):
+def traced_bulk(port: int, tmp_path: Path, mode: str, *extra: str) -> tuple[dict, dict, list[dict]]:
+    """A 1 MB bulk client run with --trace: its result, the trace's header and records."""
     trace_path = tmp_path / "trace.jsonl.gz"
-    code, result, _ = run_client(*client_args(mode, slow_server.port, "bulk", "--bytes", "1MB",
-                                              "--chunk", "64KiB", "--sndbuf", "64KiB",
-                                              "--trace", str(trace_path)))
+    code, result, _ = run_client(*client_args(mode, port, "bulk", "--bytes", "1MB", "--sndbuf", "64KiB",
+                                              *extra, "--trace", str(trace_path)))
     assert code == 0, result
     header, records = read_trace(str(trace_path))
+    return result, header, records
+
+
+@pytest.mark.parametrize("mode", ["select", "nonblocking-spin", "blocking"])
+def test_trace_records_every_send_call(slow_server, tmp_path, mode):
+    result, header, records = traced_bulk(slow_server.port, tmp_path, mode, "--chunk", "64KiB")
     assert header["mode"] == mode and header["workload"] == "bulk"
     assert abs(header["start_epoch"] - time.time()) < 60
     sends = [r for r in records if r["call"] == "send"]
@@ -407,6 +413,42 @@ def test_trace_records_every_send_call(slow_server, tmp_path, mode):
         assert any(r["call"] == "select" and r["conn"] == -1 for r in records)
     queued = [r["returned"] for r in records if r["call"] == "outq"]
     assert queued and max(queued) > 0
+
+
+@pytest.mark.parametrize("mode", ["select", "poll", "epoll"])
+def test_each_shared_wait_is_traced_under_its_call_name(slow_server, tmp_path, mode):
+    result, _, records = traced_bulk(slow_server.port, tmp_path, mode, "--connections", "2")
+    waits = [r for r in records if r["conn"] == -1]
+    assert waits and {r["call"] for r in waits} == {mode}
+    # Each wait records how many descriptors it watched and how many were ready.
+    assert all(1 <= r["asked"] <= 2 and 0 <= r["returned"] <= r["asked"] for r in waits)
+    assert sum(r["dur_s"] for r in waits) <= result["blocked_s"]
+
+
+def test_select_refuses_a_descriptor_past_fd_setsize_in_one_sentence():
+    # 1100 connections in one select loop: descriptor 1024 cannot be watched.
+    # poll and epoll serve the same load.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1400:
+        assert hard == resource.RLIM_INFINITY or hard >= 1400, f"RLIMIT_NOFILE hard limit {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1400, hard))  # inherited by both processes
+    proc, port = _start_lab_server("bulk", mode="epoll")
+    try:
+        results = {}
+        for mode in ("select", "poll", "epoll"):
+            results[mode] = run_client(*client_args(mode, port, "bulk", "--bytes", "1KiB",
+                                                    "--connections", "1100"))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)  # its result line lists 3300 connections: read it
+    code, result, _ = results["select"]
+    assert code == 1
+    assert result["errors"] == ["DescriptorLimitError: select() cannot watch descriptor 1024: it takes "
+                                "descriptors below FD_SETSIZE (1024); poll and epoll have no such limit"]
+    for mode in ("poll", "epoll"):
+        code, result, _ = results[mode]
+        assert code == 0 and result["errors"] == [], result
+        assert result["bytes_delivered"] == 1100 * 1024
 
 
 def test_tracer_round_trip_and_header(tmp_path):

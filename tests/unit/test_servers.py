@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import re
 import select
 import signal
@@ -324,3 +325,46 @@ def test_a_port_in_use_is_one_sentence_and_exit_1():
     assert done.returncode == 1
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and "cannot listen on" in lines[0], lines
+
+
+def allow_descriptors(count: int) -> None:
+    """Raise this process's descriptor limit (inherited by the servers it starts) to ``count``."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count:
+        assert hard == resource.RLIM_INFINITY or hard >= count, f"RLIMIT_NOFILE hard limit {hard}"
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
+
+
+def echoes(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether ``sock`` got its one-byte echo within ``timeout_s``."""
+    sock.settimeout(timeout_s)
+    try:
+        return sock.recv(1) == b"x"
+    except socket.timeout:
+        return False
+
+
+@pytest.mark.parametrize(("mode", "held"), [("select", 992), ("poll", 1000)])
+def test_the_select_server_stops_accepting_below_fd_setsize(start, mode, held):
+    # select() cannot watch a descriptor >= FD_SETSIZE (1024): the select
+    # server holds 992 connections and leaves the rest established in the
+    # accept queue until one ends; poll (like epoll) has no such limit.
+    total = 1000
+    allow_descriptors(total + 200)
+    server = start("--mode", mode, "--workload", "echo", "--backlog", "64")
+    socks = []
+    try:
+        for _ in range(total):
+            sock = server.connect()
+            sock.sendall(b"x")
+            socks.append(sock)
+        assert all(echoes(sock, WAIT_S) for sock in socks[:held])
+        assert not any(echoes(sock, 0.3) for sock in socks[held:])
+        if held < total:
+            socks.pop(0).close()  # one ends: the server takes the next in the queue
+            assert echoes(socks[held - 1], WAIT_S)
+    finally:
+        for sock in socks:
+            sock.close()
+    server.signal(signal.SIGTERM)
+    assert server.result()["max_concurrent"] == held
