@@ -40,6 +40,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Sequence
 
+from socklab.conns import RECV_BYTES
+from socklab.servers.connection import ECHO_HIGH_WATER_BYTES
+
 from .experiment import ClientGroup, ServerConfig
 from .raw import KeyPath
 
@@ -51,10 +54,10 @@ COMPOSE_MAX_CONTAINERS = 1_023
 _KIB = 1024
 _MIB = 1024 * 1024
 INTERPRETER_BYTES = 20 * _MIB
-# socklab.conns.RECV_BYTES: what a client asks of each recv().
-CLIENT_RECV_BYTES = 64 * _KIB
-# socklab.servers' echo high-water mark: output one connection may have queued.
-SERVER_ECHO_QUEUE_BYTES = 256 * _KIB
+# What a client asks of each recv(), and the output one echo connection of a server may
+# have queued: the roles' own constants, so the bounds follow the code that holds the bytes.
+CLIENT_RECV_BYTES = RECV_BYTES
+SERVER_ECHO_QUEUE_BYTES = ECHO_HIGH_WATER_BYTES
 
 # How a role serves its connections, by mode (client and server modes share the names).
 _SERVING = {"blocking": "thread", "nonblocking": "thread", "nonblocking-spin": "thread", "timeout": "thread",
