@@ -19,6 +19,7 @@ one container; an exec with a time limit) is written once here.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import functools
 import json
@@ -42,10 +43,13 @@ from labkit import scenario  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
 from labkit.config import Experiment, load_experiment_text  # noqa: E402
 from labkit.docker_api import DockerAPI, LabContainer  # noqa: E402
+from labkit.rundir import RunDir  # noqa: E402
+from labkit.runner import CaseRunner  # noqa: E402
 from socklab.errors import SocklabError  # noqa: E402
 from socklab.results import find_results  # noqa: E402
 
 Log = Callable[[str], None]
+RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_SCHEMA = "socklab-bench/1"
 # TCP payload per Ethernet frame with timestamps (1448 of 1514 bytes on the wire):
 # the most goodput a shaped rate can give.
@@ -220,6 +224,27 @@ def client_argv(group: Mapping, options: Mapping[str, object] | None = None, *, 
     return with_options(scenario.client_argv(built, trace=trace), options or {})
 
 
+@contextmanager
+def server_lab(command: Sequence[str], *, prefix: str = "socklab-bench") -> Iterator[ComposeProject]:
+    """A lab of its own whose server runs ``command`` on an unshaped link, up and healthy."""
+    with bench_lab({"server": {"command": list(command), "environment": link_env()}}, prefix=prefix) as lab:
+        lab.up("server")
+        yield lab
+
+
+def standalone_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line of a measurement run on its own, writing bench/results/NAME.json by default."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json")
+    return parser
+
+
+def write_standalone(out: Path, name: str, findings: Mapping) -> None:
+    """A standalone measurement's results file: its name, the machine, what it found."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, **environment(), **findings}, indent=1) + "\n")
+
+
 def link_env(**link: object) -> dict[str, str]:
     """The ``SOCKLAB_LINK_*`` variables of a container whose link is ``link`` (lab.py's link keys).
 
@@ -239,6 +264,11 @@ def probe_command(name: str, *args: object) -> list[str]:
 def engine() -> DockerAPI:
     """The engine as the orchestrator reaches it (one client for the whole process)."""
     return DockerAPI()
+
+
+def case_runner(rundir: RunDir, progress: Log, **options: bool) -> CaseRunner:
+    """The case runner `lab.py run` uses, on the engine, writing into ``rundir``."""
+    return CaseRunner(engine(), rundir, progress, **options)
 
 
 def _env_flags(env: Mapping[str, str]) -> list[str]:

@@ -170,7 +170,9 @@ def _lower_soft_descriptor_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
 
 
-REPORT_LIMIT = "import os, resource; print(os.getpid(), *resource.getrlimit(resource.RLIMIT_NOFILE))"
+# One write, so that two children's lines cannot interleave.
+REPORT_LIMIT = ("import os, resource; "
+                "os.write(1, ('%d %d %d\\n' % (os.getpid(), *resource.getrlimit(resource.RLIMIT_NOFILE))).encode())")
 
 
 def test_launch_raises_the_descriptor_limit_and_becomes_the_program_under_the_pid_it_wrote(tmp_path):
@@ -191,6 +193,7 @@ def test_idle_clients_starts_every_client_with_the_raised_limit_and_reports_the_
     assert lines[0] == f"ports {low} {high}"
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     children = sorted(tuple(map(int, line.split())) for line in lines[1:])
+    assert all(len(child) == 3 for child in children), done.stdout
     assert len(children) == 2 and len({pid for pid, _, _ in children}) == 2
     assert all(soft == limit == hard for _, soft, limit in children)
     assert done.returncode == 3
@@ -281,3 +284,39 @@ def test_bulk_sender_sends_its_buffer_and_waits_for_the_servers_eof(kind, expect
     word, sent_kind, sent, seconds = done.stdout.split()
     assert (word, sent_kind, int(sent)) == ("SENT", kind, expected_bytes)
     assert received == [expected_bytes] and float(seconds) > 0
+
+
+def _probe_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench" / "probes"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench" / "probes"))
+
+
+def test_delay_line_profile_finds_the_lines_configuration_in_the_plan_a_container_runs():
+    from labkit import scenario
+    from socklab.shaping import delayline
+
+    probe = _probe_module("delay_line_profile")
+    link = {"delay": "1ms", "backend": "userspace", "up": {"loss": "1%"}}
+    plan = scenario.shaping_plans(common.experiment(None, {"name": "load", "link": link}))["client-load"]
+    words = probe.line_words({"commands": plan})
+    assert sorted(words) == ["down", "up"]
+    configs = {d: delayline.LineConfig.from_word(w) for d, w in words.items()}
+    assert configs["up"].delay_ms == configs["down"].delay_ms == 1.0
+    assert (configs["up"].loss_pct, configs["down"].loss_pct) == (1.0, 0.0)
+
+
+def test_delay_line_profile_ranks_functions_by_their_cpu_time_per_packet():
+    import cProfile
+    import pstats
+
+    probe = _probe_module("delay_line_profile")
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [sum(range(20_000)) for _ in range(50)])
+    rows = probe.top_functions(pstats.Stats(profile), packets=100)
+    assert len(rows) <= probe.TOP
+    assert [r["own_us_per_packet"] for r in rows] == sorted((r["own_us_per_packet"] for r in rows), reverse=True)
+    by_name = {r["function"]: r for r in rows}
+    assert by_name["~:0(<built-in method builtins.sum>)"]["calls"] == 50
