@@ -56,7 +56,7 @@ def main() -> int:
             code, client_out = exec_in(container, ["sh", "-c", f"sleep 1; exec {client}"], user=WORKLOAD_USER,
                                        timeout_s=args.seconds + 60)
             if code != 0:
-                raise RuntimeError(f"the client failed ({code}): {client_out[-400:]}")
+                raise RuntimeError(f"the client failed ({code}): {client_out[-400:]}; the line: {line.output[-600:]}")
             if line.wait(args.seconds + 60) != 0:
                 raise RuntimeError(f"the profiled delay line failed: {line.output[-400:]}")
         finally:
