@@ -31,8 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (SOCKLAB, build_image, client_argv, json_after, link_env, run_in_client, server_argv,  # noqa: E402
-                    server_lab, standalone_parser, write_standalone)
+from benchlab import build_image, json_after, run_in_client, server_lab  # noqa: E402
+from common import standalone_parser, write_standalone  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
 from labkit.compose import ComposeProject  # noqa: E402
 from socklab.errors import SocklabError  # noqa: E402
 

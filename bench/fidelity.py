@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (SOCKLAB, TCP_PAYLOAD_PER_FRAME, Log, build_image, client_argv, figure,  # noqa: E402
-                    iperf3_json_script, json_after, link_env, log_to_stderr, run_in_client, server_argv,
-                    server_lab)
+from benchlab import build_image, iperf3_json_script, json_after, run_in_client, server_lab  # noqa: E402
+from common import TCP_PAYLOAD_PER_FRAME, Log, figure, log_to_stderr  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
 from labkit.scenario import SERVER_PORT  # noqa: E402
 
 BULK_PORT = SERVER_PORT

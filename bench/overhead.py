@@ -30,7 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Log, build_image, case_runner, figure, log_to_stderr  # noqa: E402
+from benchlab import build_image, case_runner  # noqa: E402
+from common import figure, Log, log_to_stderr  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
 from labkit.config import load_experiment_text  # noqa: E402
 from labkit.matrix import expand_cases, expand_runs  # noqa: E402

@@ -25,8 +25,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (build_image, client_argv, probe_command, run_in_client, server_lab,  # noqa: E402
-                    link_env, standalone_parser, write_standalone)
+from benchlab import build_image, run_in_client, server_lab  # noqa: E402
+from common import standalone_parser, write_standalone  # noqa: E402
+from experiments import client_argv, link_env, probe_command  # noqa: E402
 from fidelity import BULK_PORT, SERVER_COMMAND  # noqa: E402
 from socklab.units import parse_size_bytes  # noqa: E402
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (SOCKLAB, build_image, client_argv, engine, exec_in, link_env, probe_command,  # noqa: E402
-                    remove_container, server_argv, server_lab, standalone_parser, start_container,
-                    write_standalone)
+from benchlab import build_image, engine, exec_in, remove_container, server_lab, start_container  # noqa: E402
+from common import standalone_parser, write_standalone  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, probe_command, server_argv  # noqa: E402
 from socklab.entry import WORKLOAD_USER  # noqa: E402
 from socklab.results import find_results  # noqa: E402
 from socklab.shaping.commands import DEFAULT_STATE_PATH  # noqa: E402

@@ -34,7 +34,8 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 
-from common import Log, bench_lab, build_image
+from benchlab import bench_lab, build_image
+from common import Log
 from socklab.servers import MODES
 
 from .calibration import calibration_details

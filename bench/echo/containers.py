@@ -1,7 +1,7 @@
 """The echo benchmark's containers: servers started one by one, one client kept throughout.
 
 Each is a container of the benchmark's project started detached and reached
-by its unique name (common.start_container), never by the service's alias.
+by its unique name (benchlab.start_container), never by the service's alias.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from common import exec_in, engine, link_env, remove_container, start_container
+from benchlab import engine, exec_in, remove_container, start_container
+from experiments import link_env
 from labkit.compose import ComposeProject
 from socklab.entry import WORKLOAD_USER
 from socklab.results import find_results

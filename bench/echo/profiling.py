@@ -6,7 +6,8 @@ import json
 import math
 import re
 
-from common import Log, probe_command
+from common import Log
+from experiments import probe_command
 from labkit.compose import ComposeProject
 from labkit.scenario import SERVER_PORT as PORT
 

@@ -1,7 +1,7 @@
 """The echo benchmark's roles: the lab's server and client as lab.py builds them, and the reference.
 
 Every role's arguments come from an experiment rendered by labkit.scenario
-(see common.server_argv/client_argv); what an experiment cannot say (a listen
+(see experiments.server_argv/client_argv); what an experiment cannot say (a listen
 backlog for 1,000 simultaneous connects, an idle timeout longer than any
 point, the client's wait for EOF, the server's container name as host) is set
 on top.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from common import SOCKLAB, client_argv, server_argv
+from experiments import SOCKLAB, client_argv, server_argv
 from labkit.scenario import SERVER_PORT as PORT
 
 REQUEST_SIZE = "1KiB"

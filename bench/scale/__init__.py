@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import time
 
-from common import Log, bench_lab, build_image, engine
+from benchlab import bench_lab, build_image, engine
+from common import Log
 
 from .figures import held_figure, memory_figure, memory_summary
 from .lab import Lab

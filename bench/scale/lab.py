@@ -10,7 +10,7 @@ import json
 import threading
 import time
 
-from common import probe_command
+from experiments import probe_command
 from labkit.compose import ComposeProject
 from labkit.docker_api import DockerAPI, LabContainer
 from socklab.entry import WORKLOAD_USER

@@ -1,7 +1,7 @@
 """What the scale benchmark tries, and every process it starts: the plan and the roles' arguments.
 
 The lab's servers and clients get their arguments from an experiment rendered
-by labkit.scenario (common.server_argv/client_argv); set on top: the slow
+by labkit.scenario (experiments.server_argv/client_argv); set on top: the slow
 workload on the server (scenario picks bulk for slow clients; both only
 count bytes, and the ramp's servers were measured with slow), a backlog the
 size of somaxconn, an idle timeout past any step, and for the clients an idle
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from common import SOCKLAB, client_argv, probe_command, server_argv
+from experiments import SOCKLAB, client_argv, probe_command, server_argv
 from labkit.scenario import SERVER_PORT as PORT
 
 PORT = 5000

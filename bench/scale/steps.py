@@ -7,7 +7,9 @@ import shlex
 import time
 from collections import Counter
 
-from common import Log, link_env, run_in_client
+from benchlab import run_in_client
+from common import Log
+from experiments import link_env
 from socklab.results import find_results
 
 from .lab import Background, Lab, accepted, start_server, stop_server

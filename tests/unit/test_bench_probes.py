@@ -1,7 +1,7 @@
 """The programs benchmarks run inside containers (bench/probes/, bench/reference_echo.py), run here on loopback.
 
 Each runs exactly as a benchmark starts it (``python3 -c SOURCE ARGS``, from
-common.probe_command), against real sockets and processes of this host.
+experiments.probe_command), against real sockets and processes of this host.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
-import common  # noqa: E402
+import experiments  # noqa: E402
 from socklab.results import find_results  # noqa: E402
 
 SERVICES_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "services")}
@@ -77,7 +77,7 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.mark.parametrize("name", ["hold_epoll", "hold_asyncio"])
 def test_reference_holders_keep_every_connection_and_close_it_on_eof(name):
     port = free_port()
-    holder = start(common.probe_command(name, port, 64, "127.0.0.1"))
+    holder = start(experiments.probe_command(name, port, 64, "127.0.0.1"))
     try:
         first = connect_when_listening(port)
         assert wait_for(lambda: open_fds(holder.pid) > 0)
@@ -113,7 +113,7 @@ def test_server_probe_counts_accepted_and_queued_connections_and_reads_the_proce
         pidfile = Path(f"/tmp/socklab-test-probe-{os.getpid()}.pid")
         pidfile.write_text(f"{server.pid}\n")
         try:
-            done = run(common.probe_command("server_probe", pidfile, port))
+            done = run(experiments.probe_command("server_probe", pidfile, port))
         finally:
             pidfile.unlink()
         assert done.returncode == 0, done.stderr
@@ -138,7 +138,7 @@ def test_server_probe_counts_accepted_and_queued_connections_and_reads_the_proce
 
 
 def test_server_probe_without_a_server_says_so():
-    done = run(common.probe_command("server_probe", "/nonexistent/pidfile", free_port()))
+    done = run(experiments.probe_command("server_probe", "/nonexistent/pidfile", free_port()))
     probe = json.loads(done.stdout)
     assert (probe["pid"], probe["listening"], probe["established"], probe["accept_queue"]) == (None, False, 0, 0)
 
@@ -156,7 +156,7 @@ def test_server_probe_reads_the_listen_overflow_counters():
 
 
 def test_container_limits_reads_the_kernels_files():
-    done = run(common.probe_command("container_limits"))
+    done = run(experiments.probe_command("container_limits"))
     limits = json.loads(done.stdout)
     assert list(limits) == ["somaxconn", "vm.max_map_count", "kernel.threads-max", "kernel.pid_max",
                             "cgroup pids.max", "cgroup memory limit"]
@@ -177,7 +177,7 @@ REPORT_LIMIT = ("import os, resource; "
 
 def test_launch_raises_the_descriptor_limit_and_becomes_the_program_under_the_pid_it_wrote(tmp_path):
     pidfile = tmp_path / "server.pid"
-    done = run(common.probe_command("launch", pidfile, sys.executable, "-c", REPORT_LIMIT),
+    done = run(experiments.probe_command("launch", pidfile, sys.executable, "-c", REPORT_LIMIT),
                preexec_fn=_lower_soft_descriptor_limit)
     assert done.returncode == 0, done.stderr
     pid, soft, hard = map(int, done.stdout.split())
@@ -187,7 +187,7 @@ def test_launch_raises_the_descriptor_limit_and_becomes_the_program_under_the_pi
 
 def test_idle_clients_starts_every_client_with_the_raised_limit_and_reports_the_port_range():
     argvs = [[sys.executable, "-c", REPORT_LIMIT], [sys.executable, "-c", REPORT_LIMIT + "; raise SystemExit(3)"]]
-    done = run(common.probe_command("idle_clients", json.dumps(argvs)), preexec_fn=_lower_soft_descriptor_limit)
+    done = run(experiments.probe_command("idle_clients", json.dumps(argvs)), preexec_fn=_lower_soft_descriptor_limit)
     lines = done.stdout.splitlines()
     low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
     assert lines[0] == f"ports {low} {high}"
@@ -241,7 +241,7 @@ def _profiled(argv: list[str], port: int) -> tuple[dict, str]:
 def test_profiler_profiles_the_reference_until_sigterm():
     port = free_port()
     source = (ROOT / "bench" / "reference_echo.py").read_text()
-    profile, _ = _profiled(common.probe_command("profile_server", "reference", source, port), port)
+    profile, _ = _profiled(experiments.probe_command("profile_server", "reference", source, port), port)
     calls = {row[0]: row[1] for row in profile["rows"]}
     received = [name for name in calls if name.endswith("(data_received)")]
     line = next(n for n, text in enumerate(source.splitlines(), 1) if "def data_received" in text)
@@ -252,7 +252,7 @@ def test_profiler_profiles_the_reference_until_sigterm():
 def test_profiler_profiles_the_lab_server_which_still_prints_its_result():
     port = free_port()
     argv = ["--mode", "epoll", "--host", "127.0.0.1", "--port", str(port), "--workload", "echo"]
-    profile, stdout = _profiled(common.probe_command("profile_server", "lab", *argv), port)
+    profile, stdout = _profiled(experiments.probe_command("profile_server", "lab", *argv), port)
     (result,) = [r for r in find_results(stdout) if r["role"] == "server"]
     assert result["connections"] == 20 and result["bytes_received"] == 20 * 1024
     assert any(name.startswith("servers.py:") for name, *_ in profile["rows"])
@@ -277,7 +277,7 @@ def test_bulk_sender_sends_its_buffer_and_waits_for_the_servers_eof(kind, expect
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        done = run(common.probe_command("bulk_sender", "127.0.0.1", port, 1_000_000, kind))
+        done = run(experiments.probe_command("bulk_sender", "127.0.0.1", port, 1_000_000, kind))
     finally:
         thread.join(30)
         listener.close()
@@ -300,7 +300,7 @@ def test_delay_line_profile_finds_the_lines_configuration_in_the_plan_a_containe
 
     probe = _probe_module("delay_line_profile")
     link = {"delay": "1ms", "backend": "userspace", "up": {"loss": "1%"}}
-    plan = scenario.shaping_plans(common.experiment(None, {"name": "load", "link": link}))["client-load"]
+    plan = scenario.shaping_plans(experiments.experiment(None, {"name": "load", "link": link}))["client-load"]
     words = probe.line_words({"commands": plan})
     assert sorted(words) == ["down", "up"]
     configs = {d: delayline.LineConfig.from_word(w) for d, w in words.items()}

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
+import experiments  # noqa: E402
 import findings  # noqa: E402
 import render  # noqa: E402
 
@@ -106,26 +107,26 @@ def _options(argv: list[str]) -> dict[str, str]:
 
 
 def test_with_options_replaces_a_flag_scenario_set_and_appends_the_others():
-    assert common.with_options(["server", "--port", "5000", "--mode", "epoll"], {"--port": 5001, "--backlog": 4096}) \
+    assert experiments.with_options(["server", "--port", "5000", "--mode", "epoll"], {"--port": 5001, "--backlog": 4096}) \
         == ["server", "--port", "5001", "--mode", "epoll", "--backlog", "4096"]
 
 
 def test_link_env_is_scenarios_rendering_of_the_link_a_benchmark_names():
-    unshaped = common.link_env()
+    unshaped = experiments.link_env()
     assert unshaped["SOCKLAB_LINK_BACKEND"] == "auto"
     assert {value for key, value in unshaped.items() if key != "SOCKLAB_LINK_BACKEND"} == {""}
-    shaped = common.link_env(delay="20ms", limit=5000, backend="userspace")
+    shaped = experiments.link_env(delay="20ms", limit=5000, backend="userspace")
     assert set(shaped) == set(unshaped)
     assert {k: v for k, v in shaped.items() if v} == {"SOCKLAB_LINK_DELAY": "20ms", "SOCKLAB_LINK_LIMIT": "5000",
                                                      "SOCKLAB_LINK_BACKEND": "userspace"}
-    assert common.link_env(rate="10mbit")["SOCKLAB_LINK_RATE"] == "10mbit"
+    assert experiments.link_env(rate="10mbit")["SOCKLAB_LINK_RATE"] == "10mbit"
 
 
 def test_a_link_key_lab_py_would_refuse_is_refused_here_too():
     from socklab.errors import UsageError
 
     with pytest.raises(UsageError, match="speed"):
-        common.link_env(speed="1mbit")
+        experiments.link_env(speed="1mbit")
 
 
 def test_echo_roles_are_scenarios_with_the_benchmarks_options_on_top():
