@@ -1,4 +1,4 @@
-"""What every benchmark shares: figures with their reference, the machine, a lab of its own.
+"""What every benchmark shares: figures with their reference, the machine, the results files.
 
 A *figure* is one measured quantity over repetitions, kept beside its
 *reference* measured in the same run (iperf3, a bare `docker compose`, a
@@ -6,36 +6,45 @@ minimal asyncio server, or a configured value), because absolute numbers drift
 between machines and the ratio is what a reader can carry to theirs. Figures
 are plain dicts so the results file is plain JSON; :func:`figure` is the one
 place they are made.
+
+Importing this module puts the orchestrator and the image's package on the
+path. How a benchmark builds its roles and links is :mod:`experiments`; how it
+reaches the engine, :mod:`benchlab`.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
 import platform
-import secrets
 import statistics
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (str(ROOT), str(ROOT / "services")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
-from socklab.results import find_results  # noqa: E402
+from labkit.compose import ComposeProject  # noqa: E402
+from labkit.docker_api import DockerAPI  # noqa: E402
+from socklab.errors import SocklabError  # noqa: E402
 
 Log = Callable[[str], None]
+RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_SCHEMA = "socklab-bench/1"
 # TCP payload per Ethernet frame with timestamps (1448 of 1514 bytes on the wire):
 # the most goodput a shaped rate can give.
 TCP_PAYLOAD_PER_FRAME = 1448 / 1514
+
+
+def log_to_stderr(text: str) -> None:
+    """The progress log of a benchmark run on its own (bench/run.py stamps the time too)."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def spread(samples: Sequence[float]) -> dict:
@@ -103,6 +112,19 @@ def _text(argv: list[str]) -> str | None:
         return None
 
 
+def _engine_versions() -> dict:
+    """The Docker engine's and Compose's versions (None where one cannot be asked)."""
+    try:
+        docker = DockerAPI().versions()["engine"] or None
+    except SocklabError:
+        docker = None
+    try:
+        compose = ComposeProject("socklab-version").compose("version", "--short", timeout_s=30).stdout.strip()
+    except SocklabError:
+        compose = ""
+    return {"docker": docker, "compose": compose or None}
+
+
 def environment() -> dict:
     """The machine and versions a result was measured on."""
     meminfo = Path("/proc/meminfo").read_text().split()
@@ -117,62 +139,19 @@ def environment() -> dict:
         "memory_gib": round(int(meminfo[meminfo.index("MemTotal:") + 1]) / 2**20, 1),
         # Anything else running competes for the two cores every benchmark shares.
         "load_average_1min": round(os.getloadavg()[0], 2),
-        "docker": _text(["docker", "version", "--format", "{{.Server.Version}}"]),
-        "compose": _text(["docker", "compose", "version", "--short"]),
+        **_engine_versions(),
         "python_host": platform.python_version(),
     }
 
 
-def build_image() -> None:
-    """Build (or confirm cached) the lab image; benchmarks never time a build."""
-    ComposeProject("socklab-build").build("server")
+def standalone_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The command line of a measurement run on its own, writing bench/results/NAME.json by default."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json")
+    return parser
 
 
-@contextmanager
-def bench_lab(services: Mapping[str, Mapping] | None = None, *, prefix: str = "socklab-bench") -> Iterator[ComposeProject]:
-    """A Compose project of its own (the lab's compose.yaml plus ``services`` overrides), removed afterwards."""
-    with tempfile.TemporaryDirectory() as tmp:
-        files: tuple[Path, ...] = (COMPOSE_FILE,)
-        if services:
-            override = Path(tmp) / "bench.json"
-            override.write_text(json.dumps({"services": services}))
-            files += (override,)
-        lab = ComposeProject(f"{prefix}-{secrets.token_hex(3)}", files=files)
-        try:
-            yield lab
-        finally:
-            lab.down()
-
-
-def link_env(**settings: str) -> dict[str, str]:
-    """SOCKLAB_LINK_* variables for a container's entrypoint: every setting named, the rest cleared."""
-    names = ("rate", "delay", "jitter", "loss", "limit", "up_rate", "down_rate", "backend")
-    unknown = set(settings) - set(names)
-    if unknown:
-        raise ValueError(f"unknown link settings {sorted(unknown)}")
-    settings = {"backend": "auto", **settings}
-    return {f"SOCKLAB_LINK_{n.upper()}": str(settings.get(n, "")) for n in names}
-
-
-def run_in_client(lab: ComposeProject, script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
-    """Run ``sh -c script`` in a fresh client container; its result lines by role, and its stdout."""
-    flags = [flag for key, value in env.items() for flag in ("-e", f"{key}={value}")]
-    done = lab.compose("run", "--rm", "--use-aliases", *flags, "client", "exec", "sh", "-c", script,
-                       timeout_s=timeout_s, check=False)
-    results = {r["role"]: r for r in find_results(done.stdout)}
-    if done.returncode != 0:
-        results.setdefault("error", {"returncode": done.returncode,
-                                     "output": (done.stdout + done.stderr)[-800:]})
-    return results, done.stdout
-
-
-def json_after(prefix: str, stdout: str) -> dict | None:
-    """The JSON document printed on the line starting with ``prefix`` (how scripts here return iperf3's)."""
-    line = next((line for line in stdout.splitlines() if line.startswith(prefix)), None)
-    return json.loads(line[len(prefix):]) if line else None
-
-
-def iperf3_json_script(args: str, tag: str = "iperf3 ") -> str:
-    """Shell that runs ``iperf3 ARGS -J`` and prints its JSON on one line after ``tag``."""
-    return (f"iperf3 {args} -J > /tmp/iperf.json; printf '{tag}'; "
-            "python3 -c 'import json; print(json.dumps(json.load(open(\"/tmp/iperf.json\"))))'")
+def write_standalone(out: Path, name: str, findings: Mapping) -> None:
+    """A standalone measurement's results file: its name, the machine, what it found."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, **environment(), **findings}, indent=1) + "\n")

@@ -24,20 +24,18 @@ the delay line's own counters and CPU time, goes to the JSON file.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import secrets
+import shlex
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, environment  # noqa: E402
-from labkit import proc  # noqa: E402
-from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
-from socklab.results import find_results  # noqa: E402
+from benchlab import build_image, json_after, run_in_client, server_lab  # noqa: E402
+from common import standalone_parser, write_standalone  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
+from labkit.compose import ComposeProject  # noqa: E402
+from socklab.errors import SocklabError  # noqa: E402
 
 DELAY_MS = 20
 ROUND_TRIP_MS = 2 * DELAY_MS
@@ -49,18 +47,19 @@ REFINE_STEPS = 3
 TRIES = 3
 FRAME_BYTES = 1514
 # The server runs the lab's echo server for the ping-pong and iperf3 beside it.
-SERVER_COMMAND = ["exec", "sh", "-c",
-                  "iperf3 -s -D && exec python3 -m socklab server --mode threaded --port 5000 --workload echo "
-                  "--max-connections 1000 --idle-timeout 600"]
+PING = {"mode": "blocking", "workload": {"kind": "echo", "size": 64, "think": "20ms"}}
+SERVER_ARGV = server_argv({"mode": "threaded"}, {"name": "ping", **PING},
+                          options={"--max-connections": 1000, "--idle-timeout": "600"})
+SERVER_COMMAND = ["exec", "sh", "-c", f"iperf3 -s -D && exec {shlex.join([*SOCKLAB, *SERVER_ARGV])}"]
 
 
 def client_script(rate_mbit: float) -> str:
     """iperf3 at ``rate_mbit`` and, a second in, the ping-pong; both results printed one line each."""
     requests = int((SECONDS - 2) / (ROUND_TRIP_MS / 1000 + 0.02))
+    ping = client_argv({**PING, "workload": {**PING["workload"], "requests": requests}})
     return (
         f"iperf3 -c server -b {rate_mbit:g}M -t {SECONDS} -O 1 -J > /tmp/iperf.json & "
-        f"sleep 1; python3 -m socklab client --host server --port 5000 --mode blocking --workload echo "
-        f"--size 64 --requests {requests} --think 20ms; wait; printf 'iperf3 '; "
+        f"sleep 1; {shlex.join([*SOCKLAB, *ping])}; wait; printf 'iperf3 '; "
         "python3 -c 'import json; print(json.dumps(json.load(open(\"/tmp/iperf.json\"))))'"
     )
 
@@ -74,17 +73,14 @@ def limit_pkts(rate_mbit: float) -> int:
 
 def measure(lab: ComposeProject, rate_mbit: float) -> dict:
     """One rate: goodput, round trips and the delay line's counters."""
-    env = {"SOCKLAB_LINK_RATE": "", "SOCKLAB_LINK_DELAY": f"{DELAY_MS}ms", "SOCKLAB_LINK_LIMIT": str(limit_pkts(rate_mbit)),
-           "SOCKLAB_LINK_BACKEND": "userspace", "SOCKLAB_REPORT_LINK": "1"}
-    flags = [flag for key, value in env.items() for flag in ("-e", f"{key}={value}")]
-    done = lab.compose("run", "--rm", "--use-aliases", *flags, "client", "exec", "sh", "-c",
-                       client_script(rate_mbit), timeout_s=180, check=False)
-    results = {r["role"]: r for r in find_results(done.stdout)}
-    iperf_line = next((line for line in done.stdout.splitlines() if line.startswith("iperf3 {")), None)
-    if "client" not in results or "link" not in results or iperf_line is None:
+    env = {**link_env(delay=f"{DELAY_MS}ms", limit=limit_pkts(rate_mbit), backend="userspace"),
+           "SOCKLAB_REPORT_LINK": "1"}
+    results, stdout = run_in_client(lab, client_script(rate_mbit), env, timeout_s=180)
+    iperf = json_after("iperf3 ", stdout)
+    if "client" not in results or "link" not in results or iperf is None:
+        failed = results.get("error") or {"returncode": 0, "output": stdout[-600:]}
         return {"rate_mbit": rate_mbit, "sustained": False,
-                "error": f"no complete result (exit {done.returncode}): {(done.stdout + done.stderr)[-600:]}"}
-    iperf = json.loads(iperf_line.removeprefix("iperf3 "))
+                "error": f"no complete result (exit {failed['returncode']}): {failed['output'][-600:]}"}
     if "error" in iperf:
         return {"rate_mbit": rate_mbit, "sustained": False, "error": f"iperf3: {iperf['error']}"}
     goodput_bps = iperf["end"]["sum_received"]["bits_per_second"]
@@ -168,24 +164,14 @@ def carried(lab: ComposeProject, from_mbit: float) -> list[dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "delayline.json")
-    args = parser.parse_args()
-
-    ComposeProject("socklab-build").build("server")
-    with tempfile.TemporaryDirectory() as tmp:
-        override = Path(tmp) / "bench.json"
-        override.write_text(json.dumps({"services": {"server": {"command": SERVER_COMMAND}}}))
-        lab = ComposeProject(f"socklab-bench-{secrets.token_hex(3)}", files=(COMPOSE_FILE, override))
-        try:
-            lab.up("server", env={"SERVER_LINK_RATE": ""})
-            measurements = search(lab)
-            sustained = [m["rate_mbit"] for m in measurements if m["sustained"]]
-            broken = [m["rate_mbit"] for m in measurements
-                      if not m["sustained"] and m["rate_mbit"] > max(sustained, default=0)]
-            throughput = carried(lab, 2 * max(broken, default=FIRST_MBIT))
-        finally:
-            lab.down()
+    args = standalone_parser(__doc__, "delayline").parse_args()
+    build_image()
+    with server_lab(SERVER_COMMAND) as lab:
+        measurements = search(lab)
+        sustained = [m["rate_mbit"] for m in measurements if m["sustained"]]
+        broken = [m["rate_mbit"] for m in measurements
+                  if not m["sustained"] and m["rate_mbit"] > max(sustained, default=0)]
+        throughput = carried(lab, 2 * max(broken, default=FIRST_MBIT))
     every_try = [t for m in measurements for t in m["tries"]] + throughput
     measured = [t for t in every_try if "error" not in t]
     summary = {
@@ -198,9 +184,7 @@ def main() -> int:
                      "goodput_ratio_min": GOODPUT_FLOOR, "iperf3_seconds": SECONDS,
                      "tries_per_rate": TRIES, "sustained_when": "most tries meet both"},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "delayline", **environment(), **summary,
-                                    "measurements": measurements, "throughput": throughput}, indent=1) + "\n")
+    write_standalone(args.out, "delayline", {**summary, "measurements": measurements, "throughput": throughput})
     print(f"highest rate sustained at {DELAY_MS} ms each way: {summary['highest_sustained_mbit']} Mbit/s "
           f"(broken at {summary['lowest_broken_mbit']} Mbit/s); most carried at all: "
           f"{summary['most_carried_mbit']} Mbit/s; written to {args.out}")
@@ -210,6 +194,6 @@ def main() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except proc.CommandError as exc:
+    except SocklabError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         sys.exit(3)

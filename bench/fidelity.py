@@ -29,23 +29,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (TCP_PAYLOAD_PER_FRAME, Log, bench_lab, build_image, figure,  # noqa: E402
-                    iperf3_json_script, json_after, link_env, run_in_client)
+from benchlab import build_image, iperf3_json_script, json_after, run_in_client, server_lab  # noqa: E402
+from common import TCP_PAYLOAD_PER_FRAME, Log, figure, log_to_stderr  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
+from labkit.scenario import SERVER_PORT  # noqa: E402
 
-BULK_PORT = 5000
-ECHO_PORT = 5001
+BULK_PORT = SERVER_PORT
+ECHO_PORT = SERVER_PORT + 1
+# Set on top of lab.py's server roles: they serve every point of the run.
+LONG_LIVED = {"--max-connections": 1_000_000, "--idle-timeout": 3600}
+
+
+def _server(port: int, workload: str, **server: object) -> str:
+    """A threaded lab server on ``port`` for clients of ``workload``, as a shell command."""
+    argv = server_argv({"mode": "threaded", **server}, {"name": "load", "workload": {"kind": workload}},
+                       options={"--port": port, **LONG_LIVED})
+    return shlex.join([*SOCKLAB, *argv])
+
+
 # Both servers of the lab and iperf3's in one container: each point then costs
 # one client container, not a project. Threaded servers serve the concurrent
 # iperf3/ping-pong of a point; a 256 KiB recv keeps the server off the critical
 # path at 1 Gbit/s (its default 1 KiB is the tutorial's, not a benchmark's).
-SERVER_COMMAND = [
-    "exec", "sh", "-c",
-    "iperf3 -s -D && "
-    f"python3 -m socklab server --mode threaded --port {ECHO_PORT} --workload echo --max-connections 1000000 "
-    "--idle-timeout 3600 & "
-    f"exec python3 -m socklab server --mode threaded --port {BULK_PORT} --workload bulk --recv-size 256KiB "
-    "--max-connections 1000000 --idle-timeout 3600",
-]
+SERVER_COMMAND = ["exec", "sh", "-c", f"iperf3 -s -D && {_server(ECHO_PORT, 'echo')} & "
+                                      f"exec {_server(BULK_PORT, 'bulk', recv_size='256KiB')}"]
 RATES_MBIT = (1, 10, 100, 1000)
 DELAYS_MS = (1, 10, 50, 200)
 BACKENDS = ("userspace", "netem")
@@ -63,9 +70,10 @@ def _label_rate(mbit: float) -> str:
     return f"{mbit / 1000:g} Gbit/s" if mbit >= 1000 else f"{mbit:g} Mbit/s"
 
 
-def _lab_client(port: int, workload: str, *extra: str, mode: str = "blocking") -> str:
-    return shlex.join(["python3", "-m", "socklab", "client", "--mode", mode, "--host", "server",
-                       "--port", str(port), "--workload", workload, *extra])
+def _lab_client(port: int, workload: dict, mode: str = "blocking", trace: bool = False) -> str:
+    """The lab's client of ``mode`` with ``workload`` (lab.py's workload keys) against ``port``, as a shell command."""
+    return shlex.join([*SOCKLAB, *client_argv({"mode": mode, "workload": workload}, {"--port": port},
+                                              trace=trace)])
 
 
 def _goodput_point(lab, rate_mbit: float, seconds: int) -> dict:
@@ -73,8 +81,8 @@ def _goodput_point(lab, rate_mbit: float, seconds: int) -> dict:
     ceiling_bps = rate_mbit * 1e6 * TCP_PAYLOAD_PER_FRAME
     payload = int(ceiling_bps / 8 * (seconds - 1))
     script = (iperf3_json_script(f"-c server -t {seconds} -O 1") + "; "
-              + _lab_client(BULK_PORT, "bulk", "--bytes", str(payload)))
-    results, stdout = run_in_client(lab, script, link_env(rate=f"{rate_mbit:g}mbit", backend="auto"),
+              + _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload}))
+    results, stdout = run_in_client(lab, script, link_env(rate=f"{rate_mbit:g}mbit"),
                                     timeout_s=seconds * 4 + 120)
     iperf = json_after("iperf3 ", stdout)
     if not iperf or "error" in iperf or "client" not in results:
@@ -112,8 +120,8 @@ def _ping_pong(lab, env: dict, round_trip_ms: float) -> tuple[dict | None, str |
     """The lab's echo client's round trips over a link made by ``env`` (and the delay line's
     own lateness, where there is one); or the error."""
     requests = int(min(200, max(10, 3000 / max(round_trip_ms, 1))))
-    results, _ = run_in_client(lab, _lab_client(ECHO_PORT, "echo", "--size", str(PING_BYTES),
-                                                "--requests", str(requests)),
+    results, _ = run_in_client(lab, _lab_client(ECHO_PORT, {"kind": "echo", "size": PING_BYTES,
+                                                            "requests": requests}),
                                {**env, "SOCKLAB_REPORT_LINK": "1"}, timeout_s=300)
     if "client" not in results:
         return None, (results.get("error") or {}).get("output", "no result")
@@ -177,9 +185,8 @@ def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
             # Alternated, so that whatever favours the first or second run of a pair
             # does not pass for the cost of tracing.
             for traced in ((False, True) if repetition % 2 == 0 else (True, False)):
-                extra = ["--trace", "/tmp/trace.gz"] if traced else []
-                results, _ = run_in_client(lab, _lab_client(BULK_PORT, "bulk", "--bytes", str(payload), *extra,
-                                                            mode=mode), link_env())
+                results, _ = run_in_client(lab, _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload},
+                                                            mode, trace=traced), link_env())
                 if "client" not in results:
                     raise RuntimeError(f"lab bulk client ({mode}) on an unshaped link: {results.get('error')}")
                 key = f"{mode}.trace_{'on' if traced else 'off'}"
@@ -202,8 +209,7 @@ def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
 def run(quick: bool, log: Log) -> dict:
     """Every fidelity and bulk load-generation figure."""
     build_image()
-    with bench_lab({"server": {"command": SERVER_COMMAND, "environment": link_env()}}) as lab:
-        lab.up("server")
+    with server_lab(SERVER_COMMAND) as lab:
         goodput_figures, goodput_points = goodput(lab, quick, log)
         rtt_figures, rtt_points, unavailable = round_trip(lab, quick, log)
         loadgen_figures, loadgen_points = loadgen(lab, quick, log)
@@ -220,4 +226,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, lambda text: print(text, file=sys.stderr, flush=True)), indent=1))
+    print(json.dumps(run(args.quick, log_to_stderr), indent=1))

@@ -30,13 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Log, build_image, figure  # noqa: E402
+from benchlab import build_image, case_runner  # noqa: E402
+from common import figure, Log, log_to_stderr  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
 from labkit.config import load_experiment_text  # noqa: E402
-from labkit.docker_api import DockerAPI  # noqa: E402
 from labkit.matrix import expand_cases, expand_runs  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
-from labkit.runner import CaseRunner  # noqa: E402
 from labkit import scenario  # noqa: E402
 
 CASE_EXPERIMENT = """\
@@ -96,11 +95,10 @@ def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict
     """The overhead figure for ``replicas`` client containers, and every repetition's timings."""
     experiment = load_experiment_text(CASE_EXPERIMENT.format(replicas=replicas), "bench-overhead.yaml")
     (case, _), = expand_runs(expand_cases(experiment))
-    api = DockerAPI()
     lab_s, bare_s, rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         rundir = RunDir.create(Path(tmp), experiment.name)
-        runner = CaseRunner(api, rundir, lambda text: None, trace=True)
+        runner = case_runner(rundir, lambda text: None, trace=True)
         for repetition in range(1, repetitions + 1):
             started = time.monotonic()
             record = runner.run(case, repetition)
@@ -154,11 +152,10 @@ def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
     text = SWEEP_EXPERIMENT.replace("[24MB, 48MB]", "[6MB, 12MB]") if quick else SWEEP_EXPERIMENT
     experiment = load_experiment_text(text, "bench-sweep.yaml")
     runs = expand_runs(expand_cases(experiment))
-    api = DockerAPI()
     clock = PhaseClock()
     with tempfile.TemporaryDirectory() as tmp:
         rundir = RunDir.create(Path(tmp), experiment.name)
-        runner = CaseRunner(api, rundir, clock, trace=True, reuse=reuse)
+        runner = case_runner(rundir, clock, trace=True, reuse=reuse)
         started = time.monotonic()
         records = []
         try:
@@ -206,4 +203,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    print(json.dumps(run(args.quick, lambda text: print(text, file=sys.stderr, flush=True)), indent=1))
+    print(json.dumps(run(args.quick, log_to_stderr), indent=1))

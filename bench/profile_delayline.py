@@ -6,92 +6,67 @@ What BENCHMARKS.md says about round trips at 1 ms each way rests on this. In a
 client container whose link has the delay (userspace backend), the delay line
 the entrypoint started is stopped (its iptables rules stay; they bypass the
 queue while nobody listens) and the same line, with the same configuration,
-runs again in the foreground under cProfile while the lab's echo client makes
-64-byte round trips through it. Prints the ping-pong's latency, the line's
-counters and the heaviest functions per packet, and writes them as JSON
-(default bench/results/profile_delayline.json).
+runs again in the foreground under cProfile (bench/probes/delay_line_profile.py)
+while the lab's echo client makes 64-byte round trips through it. Prints the
+ping-pong's latency, the line's counters and the heaviest functions per
+packet, and writes them as JSON (default bench/results/profile_delayline.json).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import shlex
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, bench_lab, build_image, environment, link_env  # noqa: E402
-from labkit import proc  # noqa: E402
+from benchlab import build_image, engine, exec_in, remove_container, server_lab, start_container  # noqa: E402
+from common import standalone_parser, write_standalone  # noqa: E402
+from experiments import SOCKLAB, client_argv, link_env, probe_command, server_argv  # noqa: E402
+from socklab.entry import WORKLOAD_USER  # noqa: E402
 from socklab.results import find_results  # noqa: E402
+from socklab.shaping.commands import DEFAULT_STATE_PATH  # noqa: E402
 
-# Runs as root in the client container: the delay line the plan started is
-# replaced by one in the foreground, profiled, that stops after SECONDS.
-PROFILED_LINE = r"""
-import cProfile, json, pstats, shlex, sys, threading
-from socklab.shaping import delayline
-seconds = float(sys.argv[1])
-state = json.load(open("/run/socklab/link.json"))
-start = next(c for c in state["commands"] if c[3:6] == ["shape", "delayline", "start"])
-words = {start[i].lstrip("-"): start[i + 1] for i in range(6, len(start) - 1) if start[i] in ("--up", "--down")}
-print(json.dumps(delayline.stop()), file=sys.stderr)
-line = delayline.DelayLine({d: delayline.LineConfig.from_word(w) for d, w in words.items()})
-line.open()
-# Asked as its controller would: the request wakes its loop, which may be waiting on nothing held.
-threading.Timer(seconds, delayline.stop).start()
-profile = cProfile.Profile()
-profile.runcall(line.run)
-stats = line.stats()
-packets = sum(stats[d]["packets"] for d in ("up", "down") if d in stats)
-rows = []
-for (path, lineno, name), (cc, nc, tt, ct, _) in pstats.Stats(profile).stats.items():
-    rows.append({"function": f"{path.rsplit('/', 1)[-1]}:{lineno}({name})", "calls": nc,
-                 "own_us_per_packet": round(tt / packets * 1e6, 2), "total_us_per_packet": round(ct / packets * 1e6, 2)})
-rows.sort(key=lambda r: -r["own_us_per_packet"])
-print("PROFILE " + json.dumps({"packets": packets, "stats": stats, "top": rows[:12]}))
-"""
+ROUND_TRIPS_PER_S = 250
+
+
+def _echo(requests: int = 1) -> dict:
+    return {"mode": "blocking", "workload": {"kind": "echo", "size": 64, "requests": requests}}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = standalone_parser(__doc__, "profile_delayline")
     parser.add_argument("--delay", default="1ms")
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "profile_delayline.json")
     args = parser.parse_args()
     build_image()
-    server = ["server", "--mode", "epoll", "--port", "5000", "--workload", "echo", "--idle-timeout", "600"]
-    with bench_lab({"server": {"command": server, "environment": link_env()}}) as lab:
-        lab.up("server")
-        name = f"{lab.name}-profiled"
+    requests = int((args.seconds - 3) * ROUND_TRIPS_PER_S)
+    server = server_argv({"mode": "epoll"}, {"name": "load", **_echo()}, options={"--idle-timeout": "600"})
+    with server_lab(server) as lab:
+        container = start_container(lab, "client", f"{lab.name}-profiled", ["exec", "sleep", "600"],
+                                    link_env(delay=args.delay, backend="userspace"), aliases=True)
         try:
-            env = link_env(delay=args.delay, backend="userspace")
-            lab.compose("run", "-d", "--name", name, "--use-aliases",
-                        *[flag for k, v in env.items() for flag in ("-e", f"{k}={v}")],
-                        "client", "exec", "sleep", "600", timeout_s=120)
-            proc.run(["docker", "exec", name, "sh", "-c", "until test -e /run/socklab/link.json; do sleep 0.1; done"],
-                     timeout_s=60)
-            outputs = {}
-
-            def profiled() -> None:
-                outputs["line"] = proc.run(["docker", "exec", name, "python3", "-c", PROFILED_LINE, str(args.seconds)],
-                                           timeout_s=args.seconds + 60).stdout
-
-            thread = threading.Thread(target=profiled)
-            thread.start()
-            requests = int((args.seconds - 3) * 250)
-            client = proc.run(["docker", "exec", "-u", "socklab", name, "sh", "-c",
-                               "sleep 1; exec python3 -m socklab client --mode blocking --host server --port 5000 "
-                               f"--workload echo --size 64 --requests {requests}"], timeout_s=args.seconds + 60)
-            thread.join()
+            code, out = exec_in(container, ["sh", "-c", f"until test -e {DEFAULT_STATE_PATH}; do sleep 0.1; done"],
+                                timeout_s=60)
+            if code != 0:
+                raise RuntimeError(f"the client's link was not set up: {out[-400:]}")
+            line = engine().start_exec(container, probe_command("delay_line_profile", args.seconds))
+            client = shlex.join([*SOCKLAB, *client_argv(_echo(requests))])
+            code, client_out = exec_in(container, ["sh", "-c", f"sleep 1; exec {client}"], user=WORKLOAD_USER,
+                                       timeout_s=args.seconds + 60)
+            if code != 0:
+                raise RuntimeError(f"the client failed ({code}): {client_out[-400:]}; the line: {line.output[-600:]}")
+            if line.wait(args.seconds + 60) != 0:
+                raise RuntimeError(f"the profiled delay line failed: {line.output[-400:]}")
         finally:
-            proc.run(["docker", "rm", "-f", name], check=False)
-    (result,) = [r for r in find_results(client.stdout) if r["role"] == "client"]
-    profile = json.loads(next(line for line in outputs["line"].splitlines()
-                              if line.startswith("PROFILE "))[len("PROFILE "):])
-    summary = {"benchmark": "profile_delayline", **environment(), "delay_each_way": args.delay,
-               "round_trip_ms": result["latency_ms"], "round_trips": requests, **profile}
-    args.out.write_text(json.dumps(summary, indent=1) + "\n")
+            remove_container(container)
+    (result,) = [r for r in find_results(client_out) if r["role"] == "client"]
+    profile = json.loads(next(text for text in line.stdout.splitlines()
+                              if text.startswith("PROFILE "))[len("PROFILE "):])
+    write_standalone(args.out, "profile_delayline", {"delay_each_way": args.delay,
+                                                     "round_trip_ms": result["latency_ms"],
+                                                     "round_trips": requests, **profile})
     print(f"round trip p50 {result['latency_ms']['p50']} ms over {args.delay} each way; "
           f"{profile['packets']} packets through the line")
     for row in profile["top"]:

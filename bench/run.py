@@ -25,11 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_SCHEMA, ROOT, environment  # noqa: E402
+from common import RESULTS_DIR, RESULTS_SCHEMA, ROOT, environment  # noqa: E402
 from render import render, replace_headline  # noqa: E402
 
 BENCHMARKS = ("fidelity", "overhead", "echo", "scale")
-RESULTS_DIR = ROOT / "bench" / "results"
 
 
 def _log(text: str) -> None:

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
+import experiments  # noqa: E402
 import findings  # noqa: E402
 import render  # noqa: E402
 
@@ -95,3 +96,67 @@ def test_run_refuses_an_unknown_benchmark_in_one_sentence():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale"]
+
+
+# ------------------------------------------------- the roles benchmarks start
+
+def _options(argv: list[str]) -> dict[str, str]:
+    """``--flag value`` pairs of a role's argv (after the role), by flag."""
+    flags = [i for i, word in enumerate(argv) if word.startswith("--")]
+    return {argv[i]: argv[i + 1] for i in flags}
+
+
+def test_with_options_replaces_a_flag_scenario_set_and_appends_the_others():
+    assert experiments.with_options(["server", "--port", "5000", "--mode", "epoll"], {"--port": 5001, "--backlog": 4096}) \
+        == ["server", "--port", "5001", "--mode", "epoll", "--backlog", "4096"]
+
+
+def test_link_env_is_scenarios_rendering_of_the_link_a_benchmark_names():
+    unshaped = experiments.link_env()
+    assert unshaped["SOCKLAB_LINK_BACKEND"] == "auto"
+    assert {value for key, value in unshaped.items() if key != "SOCKLAB_LINK_BACKEND"} == {""}
+    shaped = experiments.link_env(delay="20ms", limit=5000, backend="userspace")
+    assert set(shaped) == set(unshaped)
+    assert {k: v for k, v in shaped.items() if v} == {"SOCKLAB_LINK_DELAY": "20ms", "SOCKLAB_LINK_LIMIT": "5000",
+                                                     "SOCKLAB_LINK_BACKEND": "userspace"}
+    assert experiments.link_env(rate="10mbit")["SOCKLAB_LINK_RATE"] == "10mbit"
+
+
+def test_a_link_key_lab_py_would_refuse_is_refused_here_too():
+    from socklab.errors import UsageError
+
+    with pytest.raises(UsageError, match="speed"):
+        experiments.link_env(speed="1mbit")
+
+
+def test_echo_roles_are_scenarios_with_the_benchmarks_options_on_top():
+    from echo import roles
+
+    server = roles.lab_server_command("blocking")
+    assert server[:3] == ["server", "--mode", "blocking"]
+    assert {k: v for k, v in _options(server).items() if k in ("--port", "--workload", "--recv-size", "--backlog",
+                                                                  "--idle-timeout", "--max-connections")} == {
+        "--port": "5000", "--workload": "echo", "--recv-size": "65536", "--backlog": "1024", "--idle-timeout": "600s"}
+    client = roles.client_command("socklab-bench-echo-abc123-reference", 100, 240).split()
+    assert client[:4] == ["python3", "-m", "socklab", "client"]
+    assert {k: v for k, v in _options(client).items() if k != "--think"} == {
+        "--mode": "poll", "--host": "socklab-bench-echo-abc123-reference", "--port": "5000", "--workload": "echo",
+        "--connections": "100", "--requests": "240", "--size": "1024", "--eof-wait": "120s"}
+    assert roles.reference_command()[:3] == ["exec", "python3", "-c"]
+
+
+def test_scale_roles_hold_idle_connections_in_chunks_of_one_client_process():
+    from scale import plan
+
+    server = plan.server_command("threaded")
+    assert server[:5] == ["python3", "-m", "socklab", "server", "--mode"]
+    assert {k: v for k, v in _options(server).items() if k != "--recv-size"} == {
+        "--mode": "threaded", "--port": "5000", "--workload": "slow", "--idle-timeout": "600", "--backlog": "4096"}
+    assert plan.server_command("ref-epoll")[-2:] == ["5000", "4096"]
+    assert plan.client_chunks(12_000) == [5000, 5000, 2000] and plan.client_chunks(10_000) == [5000, 5000]
+    command = plan.client_command(12_000, 140)
+    clients = json.loads(command[-1])
+    assert [_options(argv)["--connections"] for argv in clients] == ["5000", "5000", "2000"]
+    assert {k: v for k, v in _options(clients[0]).items() if k != "--connections"} == {
+        "--mode": "epoll", "--host": "server", "--port": "5000", "--workload": "slow", "--rate": "0",
+        "--hold": "140s", "--connect-timeout": "60s", "--eof-wait": "30s"}
