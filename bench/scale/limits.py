@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from socklab.servers import _SELECT_MAX_CONNECTIONS
+from socklab.servers import SELECT_MAX_CONNECTIONS
 
 
 def _fd_limit(step: dict) -> int | None:
@@ -27,7 +27,7 @@ def why_stopped(step: dict, limits: dict) -> str:
                 f"backlog, net.core.somaxconn = {limits.get('somaxconn')}, without the server), and each "
                 "waits until every connection ahead of it has ended")
     if mode == "select":
-        return (f"stops accepting at {_SELECT_MAX_CONNECTIONS} by design: select() cannot watch a descriptor "
+        return (f"stops accepting at {SELECT_MAX_CONNECTIONS} by design: select() cannot watch a descriptor "
                 f"number >= FD_SETSIZE (1024 with glibc) and the server keeps 32 below it for its own "
                 f"descriptors; held {held} of {tried}{waiting}")
     fd_limit = _fd_limit(step)

@@ -23,9 +23,6 @@ from .lifecycle import Server, ServerConfig, Strategy
 from .reactor import SELECT_MAX_CONNECTIONS
 from .strategies import MODES, STRATEGIES
 
-# The name bench/scale.py imports; SELECT_MAX_CONNECTIONS is the public one.
-_SELECT_MAX_CONNECTIONS = SELECT_MAX_CONNECTIONS
-
 __all__ = [
     "MODES", "SELECT_MAX_CONNECTIONS", "STRATEGIES", "WORKLOADS", "Connection", "Server",
     "ServerConfig", "Strategy", "build_parser", "main", "parse_args",
