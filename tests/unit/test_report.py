@@ -179,6 +179,7 @@ def test_a_plot_without_data_is_not_drawn_and_not_mentioned(tmp_path):
     shutil.rmtree(run / "traces")  # as after `lab.py run --no-trace`
     drawn = report.write_report(RunDir.open_existing(run))
     assert {p.name for p in drawn} == {"goodput.png", "cpu-blocked.png"}
+    assert {k.name for k in plots.PLOT_KINDS if k.needs == "summary"} == {"goodput.png", "cpu-blocked.png"}
     assert {p.name for p in (run / "plots").iterdir()} == {"goodput.png", "cpu-blocked.png"}
     text = (run / "report.md").read_text()
     assert "timeline" not in text.lower() and "send-queue" not in text
@@ -270,6 +271,27 @@ def test_zoom_and_smoothing_helpers():
     assert timeline.lines_may_overlap([ramp(10.0), ramp(10.1)])
     assert not timeline.lines_may_overlap([ramp(10.0), ramp(5.0)])
     assert extract.moving_mean([1, 2, 3, 4, 5, 6], 3) == [1.5, 2, 3, 4, 5, 5.5]
+
+
+def test_report_and_compare_draw_the_registry_of_plot_kinds(tmp_path):
+    assert [k.name for k in plots.PLOT_KINDS] == ["send-timeline.png", "goodput.png", "latency-cdf.png",
+                                                  "cpu-blocked.png", "send-queue.png"]
+    assert {k.needs for k in plots.PLOT_KINDS} == {"traces", "summary"}
+    # A kind is one registry entry: here one drawn from the summary alone, and one with no data.
+    loaded = RunDir(copy_run(ECHO, tmp_path)).load()
+    seen = []
+    wall = plots.PlotKind(
+        "wall.png", "Case wall time", "summary",
+        extract=lambda runs, load: [c.metric("case.wall_s") for r in runs for c in r.summary.cases],
+        draw=lambda data, runs, path: (seen.append(data), path.write_bytes(b"png")),
+        caption=lambda data, runs: f"{len(data)} cases")
+    nothing = plots.PlotKind("none.png", "Nothing", "traces", lambda runs, load: {}, None, None)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "none.png").write_bytes(b"old")
+    drawn = plots.draw_plots([loaded], tmp_path / "out", kinds=(wall, nothing))
+    assert drawn == [plots.PlotFile("wall.png", "Case wall time", "4 cases")]
+    assert [m.summary.n for m in seen[0]] == [2, 2, 2, 2]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["wall.png"]
 
 
 def test_every_mode_has_its_own_colour():
