@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from . import stats
@@ -63,13 +63,14 @@ class RunSummary:
     """Every case's summary, in case order."""
 
     cases: tuple[CaseSummary, ...]
+    _by_id: Mapping[str, CaseSummary] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_by_id", {c.case.id: c for c in self.cases})
+        object.__setattr__(self, "_by_id", {c.case.id: c for c in self.cases})  # frozen: set once here
 
     def get(self, case_id: str) -> CaseSummary | None:
         """The summary of the case with this id, or None if the run has no such case."""
-        return self._by_id.get(case_id)  # type: ignore[attr-defined]
+        return self._by_id.get(case_id)
 
     def has(self, name: str) -> bool:
         """True if any case has a value for metric ``name``."""

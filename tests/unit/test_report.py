@@ -368,6 +368,12 @@ def test_schema_1_records_are_upgraded_with_the_trace_each_client_kept(tmp_path)
         (client,) = record["clients"]
         assert client["trace"].startswith("traces/") and (run / client["trace"]).is_file()
         assert loaded.trace_path(client) == run / client["trace"]
+    # A schema 1 run resumed by this lab holds records of both schemas.
+    RunDir(run).append_case({**loaded.records[0], "repetition": 2,
+                             "clients": [{**loaded.records[0]["clients"][0], "trace": None}]})
+    mixed = RunDir(run).load()
+    assert [r["schema"] for r in records_of(run)] == [1] * 8 + [2]
+    assert mixed.records[:8] == loaded.records and mixed.records[8]["clients"][0]["trace"] is None
     shutil.rmtree(run / "traces")  # as after `lab.py run --no-trace`: nothing to name
     assert all(c["trace"] is None for r in RunDir(run).load().records for c in r["clients"])
 
