@@ -96,7 +96,7 @@ class RunDir:
 
     def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Replace meta.json atomically."""
-        write_atomic(self.path / "meta.json", json.dumps(dict(meta), indent=2, sort_keys=True) + "\n")
+        write_atomic(self.path / "meta.json", json.dumps(dict(meta), indent=2, sort_keys=True) + "\n", durable=True)
 
     def begin(self, new_meta: Mapping[str, Any], *, resumed: bool, now: dt.datetime | None = None) -> dict[str, Any]:
         """Write meta.json as a run starts: ``new_meta`` (see :func:`new_meta`) for a new
@@ -129,7 +129,8 @@ class RunDir:
         the name its record gives it (``traces/...``, relative to the run directory)."""
         name = f"traces/{_file_word(case_id)}.r{repetition}.{_file_word(key)}.trace.gz"
         self.traces.mkdir(exist_ok=True)
-        write_atomic(self.path / name, data)
+        # Synced: the record that names it is synced next, and must not outlive it.
+        write_atomic(self.path / name, data, durable=True)
         return name
 
     def compose_file(self, case_id: str, repetition: int) -> Path:

@@ -13,7 +13,7 @@ from socklab.atomic import replacing, write_atomic
 def test_write_atomic_replaces_text_and_bytes_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "meta.json"
     write_atomic(path, "first\n")
-    write_atomic(path, "second é\n")
+    write_atomic(path, "second é\n", durable=True)
     assert path.read_text(encoding="utf-8") == "second é\n"
     write_atomic(path, b"\x00\x01")
     assert path.read_bytes() == b"\x00\x01"
