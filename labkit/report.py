@@ -10,48 +10,17 @@ from __future__ import annotations
 import json
 from typing import Any, Mapping, Sequence
 
-from . import plots, records
-from .config import ClientGroup, LinkConfig, load_experiment
-from .matrix import Case, expand_cases
-from .rundir import RunDir
+from . import markdown, plots
+from .config import ClientGroup, LinkConfig
+from .matrix import Case
+from .rundir import LoadedRun, RunDir
+from .summary import RunSummary
 
-# (column, metric, scale, unit) shown per client group in the case table.
+# The metrics of the case tables, per client group and the server's.
 # A column no case has a value in (latency in a bulk run) is left out.
-_GROUP_COLUMNS = (
-    ("accepted", "bytes_accepted", 1, "B"),
-    ("delivered", "bytes_delivered", 1, "B"),
-    ("send calls", "send_calls", 1, ""),
-    ("EAGAIN", "eagain", 1, ""),
-    ("in send()", "send_s", 1, "s"),
-    ("blocked", "blocked_s", 1, "s"),
-    ("CPU", "cpu_s", 1, "s"),
-    ("goodput", "goodput_bps", 1e-6, "Mbit/s"),
-    ("p50 latency", "latency_ms.p50", 1, "ms"),
-    ("p99 latency", "latency_ms.p99", 1, "ms"),
-)
-_SERVER_COLUMNS = (
-    ("received", "server.bytes_received", 1, "B"),
-    ("CPU", "server.cpu_s", 1, "s"),
-    ("max concurrent", "server.max_concurrent", 1, ""),
-    ("case wall time", "case.wall_s", 1, "s"),
-)
-
-
-def _cell(row: Mapping[str, str], name: str, scale: float) -> str:
-    mean = row.get(f"{name}.mean", "")
-    if mean == "":
-        return "–"
-    value = float(mean) * scale
-    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
-    low, high = row.get(f"{name}.ci95_low", ""), row.get(f"{name}.ci95_high", "")
-    if low and high:
-        half = (float(high) - float(low)) / 2 * scale
-        text += f" ± {half:,.0f}" if half >= 1000 else f" ± {half:.2g}"
-    return text
-
-
-def _table_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+_GROUP_COLUMNS = ("bytes_accepted", "bytes_delivered", "send_calls", "eagain", "send_s", "blocked_s", "cpu_s",
+                  "goodput_bps", "latency_ms.p50", "latency_ms.p99")
+_SERVER_COLUMNS = ("server.bytes_received", "server.cpu_s", "server.max_concurrent", "case.wall_s")
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:
@@ -83,30 +52,28 @@ def _group_text(group: ClientGroup) -> str:
 def _case_lines(cases: Sequence[Case]) -> list[str]:
     """What every case ran: server and client groups as resolved for it."""
     groups = list(dict.fromkeys(g.name for c in cases for g in c.experiment.clients))
-    header = ["#", "case", "server", *[f"group `{g}`" for g in groups]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for case in cases:
         server = case.experiment.server
         cells = [str(case.index + 1), f"`{case.id}`",
                  f"**{server.mode}**; recv {server.recv_size_bytes} B; link {_link_text(server.link)}"]
         by_name = {g.name: g for g in case.experiment.clients}
-        cells += [_group_text(by_name[g]) if g in by_name else "–" for g in groups]
-        lines.append("| " + " | ".join(_table_cell(c) for c in cells) + " |")
-    return lines
+        rows.append(cells + [_group_text(by_name[g]) if g in by_name else markdown.MISSING for g in groups])
+    return markdown.table(["#", "case", "server", *[f"group `{g}`" for g in groups]], rows)
 
 
-def _metric_table(rows: Sequence[Mapping[str, str]], columns: Sequence[tuple[str, str, float, str]],
-                  prefix: str) -> list[str]:
+def _metric_table(summary: RunSummary, columns: Sequence[str], prefix: str) -> list[str]:
     """A case-per-row table of mean ± CI half-width; columns with no value anywhere left out."""
-    shown = [c for c in columns if any(row.get(f"{prefix}{c[1]}.mean", "") != "" for row in rows)]
-    header = ["case", "runs", *[label + (f" ({unit})" if unit else "") for label, _, _, unit in shown]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [f"`{row['case']}`", f"{row['runs']} ({row['failed']} failed)" if row["failed"] != "0"
-                 else row["runs"]]
-        cells += [_cell(row, f"{prefix}{metric}", scale) for _, metric, scale, _ in shown]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    shown = [markdown.SHOWN[c] for c in columns if summary.has(f"{prefix}{c}")]
+    header = ["case", "runs", *[s.title(s.column) for s in shown]]
+    rows = []
+    for case in summary.cases:
+        cells = [f"`{case.case.id}`", f"{case.runs} ({case.failed} failed)" if case.failed else str(case.runs)]
+        for s in shown:
+            found = case.metric(f"{prefix}{s.metric}")
+            cells.append(markdown.mean_ci(found.summary if found else None, s.scale))
+        rows.append(cells)
+    return markdown.table(header, rows)
 
 
 def _observed_text(observed: Mapping[str, Any]) -> str:
@@ -117,19 +84,18 @@ def _observed_text(observed: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {number(v)}" for k, v in observed.items())
 
 
-def render(experiment_name: str, description: str, meta: Mapping[str, Any], cases: Sequence[Case],
-           case_records: Sequence[Mapping[str, Any]], plot_files: Sequence[plots.PlotFile] = ()) -> str:
+def render(run: LoadedRun, plot_files: Sequence[plots.PlotFile] = ()) -> str:
     """The report's Markdown; ``plot_files`` are embedded from plots/ by relative path."""
-    rows = records.summary_rows(cases, case_records)
+    meta, cases, case_records = run.meta, run.cases, run.records
     docker = meta.get("docker", {})
-    lines = [f"# {experiment_name}", "", description, "",
+    lines = [f"# {run.experiment.name}", "", run.experiment.description, "",
              "## Engine", "",
              f"- kernel {meta.get('host_kernel', '?')}, Docker {docker.get('engine', '?')} "
              f"(API {docker.get('api', '?')}), Compose {meta.get('compose', '?')}",
-             f"- shaping backend: {meta.get('shaping_backend', '?')}",
+             f"- shaping backend: {markdown.shaping_text(meta.get('shaping_backend'))}",
              f"- lab {meta.get('lab_version', '?')} at revision {meta.get('git_revision', '?')}",
              f"- started {meta.get('started_at', '?')}, ended {meta.get('ended_at', 'not yet')}", ""]
-    experiment = cases[0].experiment if cases else None
+    experiment = cases[0].experiment if cases else None  # as resolved for a case
     lines += ["## Cases", ""]
     if experiment is not None:
         lines += [f"{len(cases)} case(s), each repeated {experiment.repeat} time(s), "
@@ -145,8 +111,8 @@ def render(experiment_name: str, description: str, meta: Mapping[str, Any], case
               "totals, times and rates its means.", ""]
     groups = list(dict.fromkeys(g.name for c in cases for g in c.experiment.clients))
     for group in groups:
-        lines += [f"### Client group `{group}`", "", *_metric_table(rows, _GROUP_COLUMNS, f"{group}."), ""]
-    lines += ["### Server", "", *_metric_table(rows, _SERVER_COLUMNS, ""), ""]
+        lines += [f"### Client group `{group}`", "", *_metric_table(run.summary, _GROUP_COLUMNS, f"{group}."), ""]
+    lines += ["### Server", "", *_metric_table(run.summary, _SERVER_COLUMNS, ""), ""]
     lines += ["## Expectations", ""]
     checked = [(record, e) for record in case_records for e in record.get("expectations") or ()]
     if checked:
@@ -164,9 +130,7 @@ def render(experiment_name: str, description: str, meta: Mapping[str, Any], case
         lines += ["", "## Cases that did not finish", ""]
         lines += [f"- `{r['case']}` r{r['repetition']}: {r['status']} — {r['error']}" for r in failures]
     if plot_files:
-        lines += ["", "## Plots", ""]
-        for plot in plot_files:
-            lines += [f"### {plot.title}", "", f"![{plot.title}](plots/{plot.name})", "", plot.caption, ""]
+        lines += ["", *markdown.plots_section(plot_files)]
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -175,11 +139,8 @@ def write_report(rundir: RunDir) -> list[plots.PlotFile]:
 
     Returns the plots that were drawn (those the run has data for).
     """
-    experiment = load_experiment(rundir.path / "experiment.yaml")
-    cases = expand_cases(experiment)
-    case_records = rundir.read_cases()
-    rundir.write_text("summary.csv", records.summary_csv(cases, case_records))
-    drawn = plots.draw_plots([plots.PlotRun(None, cases, case_records, rundir.traces)], rundir.path / "plots")
-    rundir.write_text("report.md", render(experiment.name, experiment.description, rundir.read_meta(),
-                                          cases, case_records, drawn))
+    run = rundir.load()
+    rundir.write_text("summary.csv", run.summary.csv_text())
+    drawn = plots.draw_plots([run], rundir.path / "plots")
+    rundir.write_text("report.md", render(run, drawn))
     return drawn

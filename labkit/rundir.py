@@ -2,14 +2,17 @@
 
     results/<experiment>/<YYYYmmdd-HHMMSS>/
         experiment.yaml   the experiment as resolved (defaults filled in)
-        meta.json         versions, revision, kernel, shaping backend, start/end
+        meta.json         schema, versions, revision, kernel, shaping backend(s), start/end
         cases.jsonl       one record per case x repetition, appended as each finishes
         summary.csv       one row per case: mean, stdev and 95 % CI over repetitions
         compose/          the override file of every case, to reproduce it by hand
-        traces/           every client's socket calls (gzip)
+        traces/           every client's socket calls (gzip), named by its record
 
 Records are flushed and synced as each case finishes, so an interrupted run keeps
-every finished case and ``--resume`` can run only what is missing.
+every finished case and ``--resume`` can run only what is missing. Reading goes
+through :meth:`RunDir.load`, which checks and upgrades schemas (see
+:mod:`labkit.schema`) and returns the one :class:`LoadedRun` that report,
+compare and plots all use.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+from urllib.parse import quote
 
 import yaml
 
+import socklab
+from socklab.atomic import write_atomic
 from socklab.errors import UsageError
 
+from . import schema
+from .config import Experiment, load_experiment
+from .matrix import Case, expand_cases
+from .summary import RunSummary, summarize_run
 
 
 class RunDir:
@@ -59,21 +71,50 @@ class RunDir:
         run.compose.mkdir(exist_ok=True)
         return run
 
+    # ------------------------------------------------------------ writing
+
     def write_experiment(self, resolved: dict[str, Any]) -> None:
         """Save the resolved experiment."""
         text = yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True)
         (self.path / "experiment.yaml").write_text(text, encoding="utf-8")
 
     def read_meta(self) -> dict[str, Any]:
-        """meta.json, or {} before it is written."""
+        """meta.json as this lab writes it (an older one upgraded, a newer refused), or {}
+        before it is written."""
+        path = self.path / "meta.json"
         try:
-            return json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return {}
+        try:
+            meta = json.loads(text)
+        except ValueError:
+            raise UsageError(f"{path}: not JSON; the run directory is damaged") from None
+        if not isinstance(meta, dict):
+            raise UsageError(f"{path}: must be a JSON object, not {type(meta).__name__}")
+        return schema.check_meta(meta, str(path))
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
+    def write_meta(self, meta: Mapping[str, Any]) -> None:
         """Replace meta.json atomically."""
-        _write_atomic(self.path / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        write_atomic(self.path / "meta.json", json.dumps(dict(meta), indent=2, sort_keys=True) + "\n", durable=True)
+
+    def begin(self, new_meta: Mapping[str, Any], *, resumed: bool, now: dt.datetime | None = None) -> dict[str, Any]:
+        """Write meta.json as a run starts: ``new_meta`` (see :func:`new_meta`) for a new
+        run; for a resumed one the meta it has, with the time it resumed added."""
+        meta = self.read_meta() or dict(new_meta)
+        if resumed:
+            meta["resumed_at"] = [*meta.get("resumed_at", []), _stamp(now)]
+        self.write_meta(meta)
+        return meta
+
+    def finish(self, now: dt.datetime | None = None) -> dict[str, Any]:
+        """Write meta.json as a run ends (or is interrupted): the end time, and the shaping
+        backend derived from every record so far."""
+        meta = self.read_meta()
+        meta["shaping_backend"] = schema.shaping_backend(self.read_cases())
+        meta["ended_at"] = _stamp(now)
+        self.write_meta(meta)
+        return meta
 
     def append_case(self, record: dict[str, Any]) -> None:
         """Append one case record and make sure it is on disk before going on."""
@@ -83,40 +124,113 @@ class RunDir:
             fh.flush()
             os.fsync(fh.fileno())
 
+    def write_trace(self, case_id: str, repetition: int, key: str, data: bytes) -> str:
+        """Keep one client container's trace (``key``: group, or ``group#replica``); returns
+        the name its record gives it (``traces/...``, relative to the run directory)."""
+        name = f"traces/{_file_word(case_id)}.r{repetition}.{_file_word(key)}.trace.gz"
+        self.traces.mkdir(exist_ok=True)
+        # Synced: the record that names it is synced next, and must not outlive it.
+        write_atomic(self.path / name, data, durable=True)
+        return name
+
+    def compose_file(self, case_id: str, repetition: int) -> Path:
+        """Where a case repetition's Compose override is kept."""
+        return self.compose / f"{_file_word(case_id)}.r{repetition}.compose.yaml"
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write a file of the run (report.md, summary.csv) atomically."""
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, text)
+        return path
+
+    # ------------------------------------------------------------ reading
+
     def read_cases(self) -> list[dict[str, Any]]:
-        """Every complete record in cases.jsonl (a torn last line is ignored)."""
+        """Every complete record in cases.jsonl, as schema 2 (older ones upgraded; a newer
+        schema is bad input). A torn last line is ignored."""
+        path = self.path / "cases.jsonl"
         try:
-            lines = (self.path / "cases.jsonl").read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").splitlines()
         except FileNotFoundError:
             return []
         records = []
-        for line in lines:
+        for number, line in enumerate(lines, start=1):
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by a kill mid-write; the case reruns
+            records.append(schema.upgrade_record(record, f"{path} line {number}",
+                                                 lambda name: (self.path / name).is_file()))
         return records
 
     def done(self) -> set[tuple[str, int]]:
         """(case id, repetition) of every recorded case."""
         return {(r["case"], int(r["repetition"])) for r in self.read_cases()}
 
-    def write_text(self, name: str, text: str) -> Path:
-        """Write a file of the run (report.md, summary.csv) atomically."""
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, text)
-        return path
+    def load(self, label: str | None = None) -> "LoadedRun":
+        """The run as report, compare and plots read it: schemas checked, records upgraded,
+        the summary over repetitions computed (once)."""
+        records = self.read_cases()
+        meta = self.read_meta()
+        if meta and records:
+            meta["shaping_backend"] = schema.shaping_backend(records)
+        return LoadedRun.of(self.path, load_experiment(self.path / "experiment.yaml"), records, meta, label)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+@dataclass(frozen=True)
+class LoadedRun:
+    """One run directory, read: what report, compare and plots are drawn from.
+
+    ``label`` tells runs apart in a comparison ("A", "B", ...) and is None for a
+    single run's report; ``records`` are schema 2; ``summary`` is the one summary
+    over repetitions that every table, bar and summary.csv shows.
+    """
+
+    label: str | None
+    path: Path
+    experiment: Experiment
+    cases: Sequence[Case]
+    records: Sequence[Mapping[str, Any]]
+    meta: Mapping[str, Any]
+    summary: RunSummary
+
+    @classmethod
+    def of(cls, path: Path, experiment: Experiment, records: Sequence[Mapping[str, Any]],
+           meta: Mapping[str, Any], label: str | None = None) -> "LoadedRun":
+        """A run from its parts (schema 2 records): its cases expanded, its summary computed."""
+        cases = tuple(expand_cases(experiment))
+        return cls(label=label, path=Path(path), experiment=experiment, cases=cases, records=tuple(records),
+                   meta=dict(meta), summary=summarize_run(cases, records))
+
+    def trace_path(self, client: Mapping[str, Any]) -> Path | None:
+        """The trace file a record's client entry names, or None if it kept none."""
+        name = client.get("trace")
+        return None if name is None else self.path / name
 
 
-def trace_name(case_id: str, repetition: int, container: str) -> str:
-    """A trace's file name: safe on every filesystem, unique per case, repetition, container."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in case_id)
-    return f"{safe}.r{repetition}.{container}.trace.gz"
+def new_meta(*, git_revision: str, versions: Mapping[str, Any], compose: str,
+             now: dt.datetime | None = None) -> dict[str, Any]:
+    """meta.json of a run that starts now. ``versions`` is the engine's (kernel, engine,
+    api); the shaping backend is filled in from the records by :meth:`RunDir.finish`."""
+    return {
+        "schema": schema.META_SCHEMA, "lab_version": socklab.__version__, "git_revision": git_revision,
+        "host_kernel": versions["kernel"], "docker": dict(versions), "compose": compose,
+        "python": platform.python_version(), "shaping_backend": None,
+        "started_at": _stamp(now), "ended_at": None, "resumed_at": [],
+    }
 
+
+def _stamp(now: dt.datetime | None) -> str:
+    return (now or dt.datetime.now()).astimezone().isoformat(timespec="seconds")
+
+
+def _file_word(text: str) -> str:
+    """``text`` as part of a file name: safe on every filesystem, and one name per text
+    (percent-encoded, so that "a,b" and "a_b" stay apart)."""
+    return quote(text, safe="=.-_")
+
+
+# Only while runner.py still names its files itself; remove with that last use, when
+# it calls RunDir.write_trace and RunDir.compose_file (issue 12).
+trace_name = schema.v1_trace_name

@@ -1,5 +1,6 @@
-"""Numbers over results: summaries across repetitions, percentiles, and the
-names a `cases.jsonl` record offers to `expect.check`.
+"""Numbers over results: summaries across repetitions, and the names a
+`cases.jsonl` record offers to `expect.check`. (The percentile is defined once,
+for container and orchestrator alike, in :mod:`socklab.percentile`.)
 
 Names in checks mirror the record's own nesting, with the client group's name in
 place of the ``clients`` list:
@@ -48,8 +49,8 @@ CLIENT_FIELDS = (
 # latency_ms is an object of named statistics (p50, p99, ...) whose keys the
 # client chooses, so any key under it is a valid name.
 CLIENT_OPEN_OBJECTS = ("latency_ms", "connect")
-# Fields that identify a record rather than measure anything.
-_IDENTITY_FIELDS = frozenset({"replica"})
+# Fields that identify a record (or name its trace file) rather than measure anything.
+_IDENTITY_FIELDS = frozenset({"replica", "trace"})
 _TOTALLED_FIELDS = frozenset({"connections", "send_calls", "eagain", "timeouts", "retrans"})
 
 
@@ -102,28 +103,6 @@ def summarize(values: Iterable[Number | None]) -> Summary:
     stdev = statistics.stdev(data, mean)
     half_width = t_critical_95(n - 1) * stdev / math.sqrt(n)
     return Summary(n, mean, stdev, mean - half_width, mean + half_width)
-
-
-def percentiles(values: Iterable[Number], points: Sequence[Number]) -> dict[Number, float | None]:
-    """The given percentiles (0..100) of ``values``, keyed by the points as given.
-
-    Linear interpolation between closest ranks (numpy's default, "type 7"): the
-    p-th percentile sits at rank p/100 · (n-1) of the sorted values. With no
-    values every percentile is None.
-    """
-    data = sorted(float(v) for v in values)
-    result: dict[Number, float | None] = {}
-    for point in points:
-        if not 0 <= point <= 100:
-            raise ValueError(f"percentile {point} is outside 0..100")
-        if not data:
-            result[point] = None
-            continue
-        rank = point / 100 * (len(data) - 1)
-        low = math.floor(rank)
-        high = min(low + 1, len(data) - 1)
-        result[point] = data[low] + (data[high] - data[low]) * (rank - low)
-    return result
 
 
 def aggregation(field: str) -> str:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 from typing import Any
 
 from . import RESULT_KEY, RESULT_SCHEMA
+from .atomic import write_atomic
 
 
 def cpu_seconds() -> float:
@@ -33,10 +33,7 @@ def emit_result(result: dict[str, Any], result_file: str | None = None) -> None:
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
     if result_file:
-        tmp = f"{result_file}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-        os.replace(tmp, result_file)
+        write_atomic(result_file, line + "\n")
 
 
 def find_results(text: str) -> list[dict[str, Any]]:

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import threading
 import time
 from typing import Any, Callable
 
+from .atomic import replacing
 from .tcpinfo import send_queue_bytes
 
 TRACE_FORMAT = 1
@@ -76,8 +76,8 @@ class Tracer:
         if self._sampler is not None:
             self._sampler.stop()
         self.records.sort(key=lambda r: r[0])
-        tmp = f"{self.path}.tmp"
-        with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as fh:
+        with replacing(self.path, "wb") as raw, \
+                gzip.open(raw, "wt", encoding="utf-8", compresslevel=6) as fh:
             fh.write(json.dumps(self.header, separators=(",", ":")) + "\n")
             # Call and errno names are identifiers chosen by this package, so
             # they need no JSON escaping; formatting by hand is several times
@@ -85,7 +85,6 @@ class Tracer:
             fh.writelines(
                 f'[{t:.7f},{conn},"{call}",{asked},{returned},"{err}",{dur:.7f},{n}]\n'
                 for t, conn, call, asked, returned, err, dur, n in self.records)
-        os.replace(tmp, self.path)
 
 
 class _OutqSampler(threading.Thread):

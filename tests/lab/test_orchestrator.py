@@ -21,7 +21,7 @@ pytestmark = pytest.mark.docker
 
 CLIENT_KEYS = {"name", "replica", "mode", "workload", "bytes_requested", "bytes_accepted",
                "bytes_delivered", "send_calls", "eagain", "blocked_s", "wall_s", "cpu_s",
-               "goodput_bps", "connect_s", "latency_ms", "tcp"}
+               "goodput_bps", "connect_s", "latency_ms", "tcp", "trace"}
 RECORD_KEYS = {"schema", "experiment", "case", "params", "repetition", "status", "error", "wall_s",
                "link", "server", "clients", "expectations"}
 
@@ -48,15 +48,17 @@ def test_seed_demo_run_writes_the_whole_run_directory(lab_image, tmp_path):
     assert experiment["clients"][0]["workload"]["bytes"] == 136314880
     meta = json.loads((run / "meta.json").read_text())
     assert meta["shaping_backend"] == "netem" and meta["compose"] and meta["host_kernel"]
+    assert meta["schema"] == 1
 
     records = [json.loads(line) for line in (run / "cases.jsonl").read_text().splitlines()]
     assert len(records) == 2 * experiment["repeat"]
     for record in records:
-        assert set(record) >= RECORD_KEYS and record["schema"] == 1
+        assert set(record) >= RECORD_KEYS and record["schema"] == 2
         assert record["status"] == "ok" and record["expectations"]
         assert all(e["passed"] for e in record["expectations"])
         (client,) = record["clients"]
         assert set(client) >= CLIENT_KEYS
+        assert client["trace"].startswith("traces/") and (run / client["trace"]).is_file()
         assert record["link"]["applied"]["sender"]["up"]["rate_bps"] == 100_000_000
         assert record["server"]["bytes_received"] == client["bytes_accepted"]
         if client["mode"] == "nonblocking":

@@ -5,9 +5,13 @@ from __future__ import annotations
 import csv
 import io
 
+from pathlib import Path
+
 from labkit import records, report
 from labkit.config import load_experiment_text
 from labkit.matrix import expand_cases
+from labkit.rundir import LoadedRun
+from labkit.summary import summarize_run
 
 EXPERIMENT = """
 name: t
@@ -68,7 +72,7 @@ def test_summary_csv_gives_mean_stdev_and_t_interval_per_case():
     blocking, nonblocking = expand_cases(load_experiment_text(EXPERIMENT, "t.yaml"))
     recs = [make_record(blocking, r, 1000, g) for r, g in enumerate((1e6, 2e6, 3e6))]
     recs += [make_record(nonblocking, 0, 400, 5e6), make_record(nonblocking, 1, 0, 0, status="failed")]
-    rows = list(csv.DictReader(io.StringIO(records.summary_csv([blocking, nonblocking], recs))))
+    rows = list(csv.DictReader(io.StringIO(summarize_run([blocking, nonblocking], recs).csv_text())))
     assert [r["case"] for r in rows] == ["sender.mode=blocking", "sender.mode=nonblocking"]
     assert rows[0]["clients.sender.mode"] == "blocking"
     assert float(rows[0]["sender.goodput_bps.mean"]) == 2e6
@@ -81,9 +85,10 @@ def test_summary_csv_gives_mean_stdev_and_t_interval_per_case():
 
 
 def test_report_shows_each_case_and_each_expectation():
-    blocking, nonblocking = expand_cases(load_experiment_text(EXPERIMENT, "t.yaml"))
+    experiment = load_experiment_text(EXPERIMENT, "t.yaml")
+    blocking, nonblocking = expand_cases(experiment)
     recs = [make_record(blocking, 0, 1000, 2e6), make_record(nonblocking, 0, 400, 5e6)]
-    text = report.render("t", "a test", {"shaping_backend": "netem"}, [blocking, nonblocking], recs)
+    text = report.render(LoadedRun.of(Path("t"), experiment, recs, {"shaping_backend": "netem"}))
     assert "| `sender.mode=nonblocking` | 1 | 400 |" in text
     assert "shaping backend: netem" in text
     assert text.count("— held") == 3

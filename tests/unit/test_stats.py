@@ -4,10 +4,8 @@ import math
 
 import pytest
 
-from labkit.stats import (
-    aggregate_group, aggregation, case_values, explain_unknown_name, percentiles, summarize,
-    t_critical_95,
-)
+from labkit.stats import aggregate_group, aggregation, case_values, explain_unknown_name, summarize, t_critical_95
+from socklab.percentile import latency_summary_ms, percentiles
 
 # The record from SPEC.md's cases.jsonl schema, with a second replica added.
 RECORD = {
@@ -83,10 +81,13 @@ def test_t_needs_a_degree_of_freedom():
         t_critical_95(0)
 
 
-def test_percentiles_interpolate_linearly_between_ranks():
+def test_percentiles_are_nearest_rank_measured_values():
     values = [10, 1, 9, 2, 8, 3, 7, 4, 6, 5]  # order does not matter
-    assert percentiles(values, [0, 50, 90, 99, 100]) == pytest.approx(
-        {0: 1.0, 50: 5.5, 90: 9.1, 99: 9.91, 100: 10.0})
+    # Rank ceil(p/100 * n) of the sorted values, 1 for p = 0: always a value that was measured.
+    assert percentiles(values, [0, 7, 50, 90, 91, 99, 100]) == {
+        0: 1.0, 7: 1.0, 50: 5.0, 90: 9.0, 91: 10.0, 99: 10.0, 100: 10.0}
+    # 7 % of 100 values is rank 7 exactly (7 / 100 * 100 is 7.000000000000001 in floats).
+    assert percentiles(range(1, 101), [7]) == {7: 7.0}
 
 
 def test_percentiles_of_one_value_and_of_none():
@@ -97,6 +98,19 @@ def test_percentiles_of_one_value_and_of_none():
 def test_percentiles_outside_0_100_are_refused():
     with pytest.raises(ValueError):
         percentiles([1, 2], [101])
+
+
+def test_the_clients_latency_summary_uses_the_one_definition():
+    import random
+
+    from socklab import clients
+    rng = random.Random(12)
+    for n in (1, 2, 3, 99, 100, 101, 1000, 4321):
+        latencies_s = [rng.lognormvariate(-7, 1.2) for _ in range(n)]
+        ordered = sorted(latencies_s)
+        summary = latency_summary_ms(latencies_s)
+        assert summary == clients.latency_summary(latencies_s)
+        assert summary["p99"] == round(ordered[math.ceil(0.99 * n) - 1] * 1000, 3)
 
 
 @pytest.mark.parametrize("field, how", [

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from ..atomic import write_atomic
 from ..cli import ArgumentParser
 from ..errors import EngineError, UsageError
 from . import delayline
@@ -79,9 +80,7 @@ def read_state(path: Path) -> dict[str, Any] | None:
 def write_state(path: Path, state: Mapping[str, Any]) -> None:
     """Replace the state file atomically, so a concurrent `show` never reads half of it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(state, indent=1) + "\n")
 
 
 @contextlib.contextmanager
