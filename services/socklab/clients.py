@@ -18,7 +18,6 @@ passed (the result's ``errors`` say which), 2 for bad arguments.
 from __future__ import annotations
 
 import argparse
-import math
 import socket
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from typing import Any, Sequence
 
 from .cli import ArgumentParser, duration_arg, positive_int, size_arg
 from .conns import AsyncConn, ConnBase, Mode, Settings, SocketConn, run_asyncio, run_shared_loop, run_threads
+from .percentile import latency_summary_ms as latency_summary
 from .results import cpu_seconds, emit_result
 from .sockcall import EventLoop, Limit
 from .tcpinfo import combine_tcp_info
@@ -152,22 +152,6 @@ def workload_options(args: argparse.Namespace) -> WorkloadOptions:
         "rate_bps": args.rate, "hold_s": args.hold,
     }
     return replace(_DEFAULTS, **{k: v for k, v in given.items() if v is not None})
-
-
-def _percentile(ordered: list[float], percent: float) -> float:
-    # Nearest rank: always a latency that was actually measured.
-    return ordered[max(0, math.ceil(percent / 100 * len(ordered)) - 1)]
-
-
-def latency_summary(latencies_s: list[float]) -> dict[str, Any] | None:
-    """``{"p50","p90","p99","max","mean","count"}`` in milliseconds, or None if empty."""
-    if not latencies_s:
-        return None
-    ordered = sorted(latencies_s)
-
-    return {"p50": _ms(_percentile(ordered, 50)), "p90": _ms(_percentile(ordered, 90)),
-            "p99": _ms(_percentile(ordered, 99)), "max": _ms(ordered[-1]),
-            "mean": _ms(sum(ordered) / len(ordered)), "count": len(ordered)}
 
 
 def _dedupe(messages: list[str]) -> list[str]:
