@@ -119,6 +119,9 @@ class DockerAPI:
         """The exit status of a finished exec; None while it runs."""
         try:
             found = self._client.api.exec_inspect(exec_id)
+        except docker.errors.NotFound:
+            raise ContainerGone("the container of a command run in it disappeared "
+                                "(removed from outside the run?)") from None
         except docker.errors.DockerException as exc:
             raise _convert("inspect a command run in a container", exc) from None
         return None if found.get("Running") else found.get("ExitCode")

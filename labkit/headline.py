@@ -31,6 +31,7 @@ class RoleOutcome:
     exit_code: int | None  # None: it had not ended (or the engine could not say)
     results: Sequence[Mapping[str, Any]] = field(default_factory=tuple)  # every result line it printed
     last_words: str | None = None  # its last line of plain output, for a role that printed no reason
+    gone: bool = False  # its container vanished (removed from outside the run)
 
     def result(self) -> Mapping[str, Any] | None:
         """Its own result line (server or client), if it printed one."""
@@ -53,6 +54,8 @@ def cause(outcome: RoleOutcome) -> str | None:
     failure = outcome.failure()
     result = outcome.result()
     code = outcome.exit_code
+    if outcome.gone:
+        return "'s container disappeared (removed from outside the run?)"
     if failure is not None:
         return f": {failure.get('error')}"
     if code is not None and code > 128 and _signal_name(code):
@@ -72,7 +75,7 @@ def cause(outcome: RoleOutcome) -> str | None:
 def needs_last_words(outcome: RoleOutcome) -> bool:
     """Whether the role failed without saying why (then its last plain line of output is worth reading)."""
     result = outcome.result()
-    said = outcome.failure() is not None or bool(result is not None and result.get("errors"))
+    said = outcome.gone or outcome.failure() is not None or bool(result is not None and result.get("errors"))
     return not said and cause(outcome) is not None
 
 

@@ -31,7 +31,7 @@ from socklab.errors import EngineError, SocklabError
 from socklab.results import find_results
 
 from . import records, scenario
-from .engine import Engine, Lab, LabContainer, RoleHandle, StartFailed
+from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
 from .headline import RoleOutcome, headline, last_line, last_words, needs_last_words
 from .matrix import Case
 from .rundir import RunDir, trace_name
@@ -166,7 +166,7 @@ class CaseRunner:
         except StartFailed as exc:
             server = lab.containers(scenario.SERVER_SERVICE)
             if not server:
-                return _Outcome("failed", "the server did not start: it was not created")
+                return _Outcome("failed", f"the server did not start: it was not created: {exc}")
             if not lab.running(server[0]):
                 return _Outcome("failed", "the server did not start", server_explains=True)
             return _Outcome("failed", str(exc))
@@ -186,6 +186,7 @@ class CaseRunner:
         # The server says so on stderr once it listens: no need to ask ss in another exec.
         while SERVER_LISTENING not in server.output():
             if not server.running() or time.monotonic() > deadline:
+                lab.running(server.container)  # ContainerGone, if that is why
                 server.stop()
                 return _Outcome("failed", "the server did not start", server_explains=True)
             time.sleep(POLL_S / 20)
@@ -253,8 +254,11 @@ class CaseRunner:
         self.progress("collecting results")
         for role in roles:
             if _is_server(role):
-                role.stop()
-                role.wait(SERVER_STOP_S)
+                try:
+                    role.stop()
+                    role.wait(SERVER_STOP_S)
+                except ContainerGone:
+                    pass  # nothing left to stop; the case says why it failed
         # delay_line: the userspace backend's counters per container (null under netem).
         link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}}
         server_result = None
@@ -263,14 +267,15 @@ class CaseRunner:
         def fetch(role: RoleHandle) -> tuple[RoleOutcome, bytes | None]:
             trace = lab.read_file(role.container, scenario.TRACE_PATH) if self.trace and not _is_server(role) \
                 else None
+            gone = False
             try:
                 code = role.exit_code()
-            except SocklabError:  # it vanished: it says nothing more
-                code = None
+            except ContainerGone:
+                code, gone = None, True
             is_server = _is_server(role)
             ended = RoleOutcome(who="the server" if is_server else role.container.service,
                                 kind="server" if is_server else "client", exit_code=code,
-                                results=tuple(find_results(role.stdout())))
+                                results=tuple(find_results(role.stdout())), gone=gone)
             if needs_last_words(ended):  # only then is stderr worth another round trip
                 ended = replace(ended, last_words=last_words(role.output()))
             return ended, trace

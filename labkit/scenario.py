@@ -169,8 +169,11 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
         }
     if not owner:
         return {"services": services}
-    return {"services": services, "networks": {"lab": {"labels": labels()}},
-            "volumes": {"results": {"labels": labels()}}}
+    # compose.yaml labels the network and volume as the lab's already; Compose
+    # concatenates a volume's labels, and would refuse that one twice.
+    owned = {k: v for k, v in labels().items() if k != LAB_LABEL}
+    return {"services": services, "networks": {"lab": {"labels": owned}},
+            "volumes": {"results": {"labels": owned}}}
 
 
 def client_services(experiment: Experiment) -> list[str]:

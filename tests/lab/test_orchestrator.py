@@ -244,20 +244,10 @@ def test_reuse_shares_one_project_across_cases_and_drops_it_after_a_failure(lab_
     assert _lab_objects("socklab-reuse-") == {"containers": [], "networks": [], "volumes": []}
 
 
-COEXIST_EXPERIMENT = """\
-name: coexist
-description: two short cases, run twice at once while lab.py clean runs
-timeout: 60s
-server:
-  mode: epoll
-clients:
-  - name: load
-    mode: blocking
-    workload: {kind: bulk, bytes: 2MB}
-    link: {rate: 20mbit}
-matrix:
-  clients.load.mode: [blocking, select]
-"""
+# Two short cases of the same containers, with a name of their own.
+COEXIST_EXPERIMENT = (REUSE_EXPERIMENT.replace("name: reuse", "name: coexist")
+                      .replace("  clients.load.link.rate: [20mbit, 50mbit]\n", "")
+                      .replace("[blocking, select, asyncio]", "[blocking, select]"))
 
 
 def test_two_runs_at_once_both_finish_while_clean_leaves_their_objects_alone(lab_image, tmp_path):

@@ -138,7 +138,7 @@ class FakeRole:
         return self.ended_at is None
 
     def exit_code(self) -> int | None:
-        if self.main and self.fake.gone():
+        if self.fake.gone():
             raise ContainerGone(f"container {self.container.name} disappeared while its case ran")
         self._settle()
         return self.code

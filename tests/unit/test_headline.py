@@ -38,6 +38,7 @@ def client(code: int, *texts: str, who: str = "client-sender", words: str | None
      " exited 1 without a result; its last words: OSError: [Errno 24] Too many open files"),
     (client(2, failure_line("client", "client: argument --bytes: '-1' is not a size", 2)),
      ": client: argument --bytes: '-1' is not a size"),
+    (RoleOutcome("client-sender", "client", None, gone=True), "'s container disappeared (removed from outside the run?)"),
 ])
 def test_the_cause_of_each_way_a_role_ends(outcome, expected):
     assert cause(outcome) == expected

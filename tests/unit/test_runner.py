@@ -82,6 +82,8 @@ def test_a_case_that_ends_normally_is_collected_whole(rundir):
     definition = json.loads(kept.read_text())
     assert definition["services"]["server"]["labels"]["io.socklab.owner.pid"] == "7"
     assert definition["networks"]["lab"]["labels"]["io.socklab.owner.pid"] == "7"
+    # compose.yaml gives the network and volume the lab's label; Compose would refuse it twice on a volume.
+    assert "io.socklab.lab" not in definition["volumes"]["results"]["labels"]
     (lab,) = engine.labs
     assert engine.downs == [lab.name]
     assert all(role.stops == (1 if role.argv[0] == "server" else 0) for role in lab.roles)
@@ -280,3 +282,25 @@ def test_reuse_takes_a_new_lab_after_a_failure_and_when_the_containers_differ(ru
     # second; the case with another link in a third.
     assert len(engine.labs) == 3 and engine.downs == [lab.name for lab in engine.labs]
     assert [len([r for r in lab.roles if r.argv[0] == "client"]) for lab in engine.labs] == [4, 4, 2]
+
+
+def test_reuse_drops_a_lab_whose_server_container_vanished(rundir):
+    servers = []
+
+    def vanishing_server(container, argv):
+        script = real_like(container, argv)
+        if argv[0] == "server":
+            servers.append(argv)
+            if len(servers) == 2:  # the second case's: its container is removed from outside
+                script.vanish_after_s = 0.0
+        return script
+
+    engine = FakeEngine(vanishing_server)
+    run = runner(engine, rundir, reuse=True)
+    try:
+        records = [run.run(case, 0) for case in cases(REUSED)]
+    finally:
+        run.close()
+    assert [r["status"] for r in records] == ["ok", "failed", "ok"]
+    assert "disappeared while its case ran" in records[1]["error"]
+    assert len(engine.labs) == 2 and engine.downs == [lab.name for lab in engine.labs]
