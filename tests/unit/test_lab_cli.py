@@ -198,3 +198,10 @@ def test_an_interrupted_run_tears_down_keeps_what_finished_and_exits_130(engine,
     assert len((run / "cases.jsonl").read_text().splitlines()) == 1
     assert len(engine.labs) == 2 and engine.downs == [lab.name for lab in engine.labs]
     assert (run / "report.md").is_file() and json.loads((run / "meta.json").read_text())["ended_at"]
+
+
+def test_commands_run_in_a_session_of_their_own_so_a_terminal_ctrl_c_reaches_lab_py_alone():
+    from labkit import proc
+
+    done = proc.run(["sh", "-c", "cut -d' ' -f6 /proc/$$/stat"])
+    assert int(done.stdout) != os.getsid(0)
