@@ -86,7 +86,6 @@ class CaseRunner:
         self.reuse = reuse
         # Labels naming this run as the owner of what it creates (see labkit.owner).
         self.owner = dict(owner or {})
-        self.current: Lab | None = None
         self.kept: _KeptLab | None = None
 
     def _definition(self, case: Case) -> dict:
@@ -101,13 +100,11 @@ class CaseRunner:
         if self.reuse:
             return self._run_kept(case, repetition)
         lab = self._create(case, repetition, self._definition(case))
-        self.current = lab
         try:
             return self._run_case(lab, case, repetition, self._start_containers)
         finally:
             self.progress("tearing down")
             lab.down()
-            self.current = None
 
     def close(self) -> None:
         """Take down a lab kept for later cases (call when the run ends, however)."""
@@ -115,7 +112,6 @@ class CaseRunner:
             self.progress("tearing down")
             self.kept.lab.down()
             self.kept = None
-            self.current = None
 
     def _run_kept(self, case: Case, repetition: int) -> dict:
         definition = self._definition(case)
@@ -126,12 +122,10 @@ class CaseRunner:
             # The kept services, with the rest of the definition (networks, volumes) as it was.
             lab = self._create(case, repetition, {**definition, **scenario.kept_override(definition)})
             self.progress("starting the containers, kept for the cases that can share them")
-            self.current = lab
             try:
                 lab.start([scenario.SERVER_SERVICE, *scenario.client_services(case.experiment)])
             except BaseException:
                 lab.down()
-                self.current = None
                 raise
             self.kept = _KeptLab(lab, key)
         try:
