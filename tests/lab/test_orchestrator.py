@@ -158,7 +158,8 @@ def test_clean_removes_what_carries_the_label_and_nothing_else(project):
     project.up("server", env={"SERVER_MAX_CONNECTIONS": "1000"})
     bystander = f"{project.name}-unlabelled"
     subprocess.run(["docker", "run", "-d", "--name", bystander, "--entrypoint", "sleep",
-                    "socklab:latest", "120"], check=True, capture_output=True)
+                    f"socklab:{os.environ.get('SOCKLAB_IMAGE_TAG', 'latest')}", "120"], check=True,
+                   capture_output=True)
     try:
         done = lab("clean")
         assert done.returncode == 0, done.stderr
