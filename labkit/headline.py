@@ -72,6 +72,16 @@ def cause(outcome: RoleOutcome) -> str | None:
     return None
 
 
+def cause_alone(outcome: RoleOutcome) -> str | None:
+    """:func:`cause` as words that stand alone, after a sentence that named the role already."""
+    why = cause(outcome)
+    if why is None:
+        return None
+    if why.startswith(": "):
+        return why[2:]
+    return "its" + why[2:] if why.startswith("'s") else "it" + why
+
+
 def needs_last_words(outcome: RoleOutcome) -> bool:
     """Whether the role failed without saying why (then its last plain line of output is worth reading)."""
     result = outcome.result()

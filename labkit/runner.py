@@ -32,7 +32,7 @@ from socklab.results import find_results
 
 from . import records, scenario
 from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
-from .headline import RoleOutcome, headline, last_line, last_words, needs_last_words
+from .headline import RoleOutcome, cause_alone, headline, last_line, last_words, needs_last_words
 from .matrix import Case
 from .rundir import RunDir, trace_name
 
@@ -322,5 +322,6 @@ class CaseRunner:
             return ("ok", None) if said is None else ("failed", said)
         if outcome.error is None:
             return outcome.status, said or "the case failed and no role says why"
-        why = headline([o for o in ordered if o.kind == "server"]) if outcome.server_explains else None
+        server = next((o for o in ordered if o.kind == "server"), None)
+        why = cause_alone(server) if outcome.server_explains and server is not None else None
         return outcome.status, f"{outcome.error}: {why}" if why else outcome.error

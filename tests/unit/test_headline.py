@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from labkit.headline import RoleOutcome, cause, headline, last_line, last_words, needs_last_words
+from labkit.headline import RoleOutcome, cause, cause_alone, headline, last_line, last_words, needs_last_words
 
 from .fake_engine import client_line, failure_line, link_line, server_line
 
@@ -83,3 +83,11 @@ def test_only_a_role_that_gave_no_reason_needs_its_last_words():
     assert not needs_last_words(client(1, client_line(["client"], [RESET])))
     assert not needs_last_words(client(3, failure_line("entry", "no netem", 3)))
     assert not needs_last_words(CLIENT_OK)
+
+
+def test_a_cause_can_stand_alone_after_a_sentence_that_named_the_role():
+    assert cause_alone(RoleOutcome("the server", "server", 137)) == "it exited 137 (killed by SIGKILL)"
+    assert cause_alone(client(3, failure_line("entry", "no netem", 3))) == "no netem"
+    assert cause_alone(RoleOutcome("the server", "server", None, gone=True)) == (
+        "its container disappeared (removed from outside the run?)")
+    assert cause_alone(CLIENT_OK) is None

@@ -175,7 +175,7 @@ def test_a_server_that_does_not_start_says_why_not_the_link_banner(rundir):
     (case,) = cases()
     record = runner(engine, rundir).run(case, 0)
     assert record["status"] == "failed"
-    assert record["error"] == ("the server did not start: the server: the link asks for delay 5ms but this kernel "
+    assert record["error"] == ("the server did not start: the link asks for delay 5ms but this kernel "
                                "has no netem qdisc (kernel module sch_netem)")
 
 
