@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from . import proc
+from .engine.base import LAB_LABEL
 
 # Compose writes terminal control sequences into `logs` even without a terminal.
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
-# Every container, network and volume the lab creates carries this label, so
-# `lab.py clean` can find them and nothing else.
-LAB_LABEL = "io.socklab.lab"
+__all__ = ["COMPOSE_FILE", "ComposeProject", "LAB_LABEL", "REPO_ROOT"]
 
 
 @dataclass

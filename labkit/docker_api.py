@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import docker
@@ -20,21 +19,18 @@ import docker.errors
 import requests.exceptions
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from socklab.errors import EngineError, SocklabError
-
-from .compose import LAB_LABEL
+from .engine.base import LAB_LABEL, LabContainer, LabObject
+from .engine.errors import ContainerGone, LabEngineError
 
 PROJECT_LABEL = "com.docker.compose.project"
 SERVICE_LABEL = "com.docker.compose.service"
 NUMBER_LABEL = "com.docker.compose.container-number"
 
 
-class LabEngineError(EngineError):
-    """The Docker engine could not do what the lab asked; the message says what."""
-
-
-class ContainerGone(SocklabError):
-    """A container of the case vanished (removed from outside): the case fails, the run goes on."""
+# Re-exported: callers of this module have always found them here.
+__all__ = ["ContainerGone", "DockerAPI", "ExecJob", "LabContainer", "LabEngineError", "LabObject", "names"]
+# Containers first: they hold the networks and volumes.
+OBJECT_KINDS = ("containers", "networks", "volumes")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -53,16 +49,6 @@ _retry = retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(4),
 def _convert(what: str, exc: Exception) -> LabEngineError:
     detail = getattr(exc, "explanation", None) or str(exc)
     return LabEngineError(f"Docker could not {what}: {detail}")
-
-
-@dataclass(frozen=True)
-class LabContainer:
-    """One container of a lab project, as the orchestrator needs to see it."""
-
-    id: str
-    name: str
-    service: str
-    number: int
 
 
 class DockerAPI:
@@ -133,6 +119,9 @@ class DockerAPI:
         """The exit status of a finished exec; None while it runs."""
         try:
             found = self._client.api.exec_inspect(exec_id)
+        except docker.errors.NotFound:
+            raise ContainerGone("the container of a command run in it disappeared "
+                                "(removed from outside the run?)") from None
         except docker.errors.DockerException as exc:
             raise _convert("inspect a command run in a container", exc) from None
         return None if found.get("Running") else found.get("ExitCode")
@@ -192,42 +181,53 @@ class DockerAPI:
             if "is not running" not in str(exc):
                 raise _convert(f"signal {container.name}", exc) from None
 
-    def remove_labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
-        """Remove every container, network and volume carrying ``label``; what was removed.
+    def _collection(self, kind: str):
+        return {"containers": self._client.containers, "networks": self._client.networks,
+                "volumes": self._client.volumes}[kind]
 
-        Containers go first (they hold the networks and volumes); an object that
-        disappears meanwhile (a project being torn down) is simply gone already.
-        """
-        removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
+    def objects(self, label: str = LAB_LABEL) -> list[LabObject]:
+        """Every container, network and volume carrying ``label``, with its labels; containers first."""
         flt = {"label": [label]}
+        found = []
         try:
-            kinds = (("containers", lambda: self._client.containers.list(all=True, filters=flt),
-                      lambda c: c.remove(force=True, v=True)),
-                     ("networks", lambda: self._client.networks.list(filters=flt), lambda n: n.remove()),
-                     ("volumes", lambda: self._client.volumes.list(filters=flt),
-                      lambda v: v.remove(force=True)))
-            for kind, listing, remove in kinds:
-                for obj in listing():
-                    try:
-                        remove(obj)
-                    except docker.errors.NotFound:
-                        continue
-                    removed[kind].append(obj.name)
+            for kind in OBJECT_KINDS:
+                listing = self._collection(kind).list(**({"all": True} if kind == "containers" else {}),
+                                                      filters=flt)
+                for obj in listing:
+                    labels = obj.labels if kind == "containers" else obj.attrs.get("Labels")
+                    found.append(LabObject(kind, obj.name, dict(labels or {}), obj.id))
         except docker.errors.DockerException as exc:
-            raise _convert("remove the lab's leftovers", exc) from None
+            raise _convert("list the lab's objects", exc) from None
+        return found
+
+    def remove_object(self, obj: LabObject) -> bool:
+        """Remove one container (with its anonymous volumes), network or volume; False if it was gone."""
+        try:
+            found = self._collection(obj.kind).get(obj.id or obj.name)
+            if obj.kind == "networks":
+                found.remove()
+            else:
+                found.remove(force=True, **({"v": True} if obj.kind == "containers" else {}))
+        except docker.errors.NotFound:
+            return False  # a project being torn down meanwhile: gone already
+        except docker.errors.DockerException as exc:
+            raise _convert(f"remove {obj.name}", exc) from None
+        return True
+
+    def remove_labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
+        """Remove every container, network and volume carrying ``label``; what was removed."""
+        removed: dict[str, list[str]] = {kind: [] for kind in OBJECT_KINDS}
+        for obj in self.objects(label):
+            if self.remove_object(obj):
+                removed[obj.kind].append(obj.name)
         return removed
 
     def labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
         """The names of the containers, networks and volumes carrying ``label``."""
-        flt = {"label": [label]}
-        try:
-            return {
-                "containers": [c.name for c in self._client.containers.list(all=True, filters=flt)],
-                "networks": [n.name for n in self._client.networks.list(filters=flt)],
-                "volumes": [v.name for v in self._client.volumes.list(filters=flt)],
-            }
-        except docker.errors.DockerException as exc:
-            raise _convert("list the lab's objects", exc) from None
+        found: dict[str, list[str]] = {kind: [] for kind in OBJECT_KINDS}
+        for obj in self.objects(label):
+            found[obj.kind].append(obj.name)
+        return found
 
     def versions(self) -> dict[str, str]:
         """Engine version, API version and host kernel, for run metadata."""

@@ -57,9 +57,11 @@ def run(
     """
     log.debug("$ %s", shlex.join(argv))
     try:
+        # A session of its own: a Ctrl-C at the terminal reaches lab.py alone,
+        # which decides what to stop, so a second one cannot cut a teardown short.
         proc = subprocess.run(
             list(argv), capture_output=True, text=True, env=dict(env) if env is not None else None,
-            cwd=cwd, timeout=timeout_s, input=input_text, check=False,
+            cwd=cwd, timeout=timeout_s, input=input_text, check=False, start_new_session=True,
         )
     except FileNotFoundError as exc:
         raise CommandError(argv, None, "", str(exc)) from None

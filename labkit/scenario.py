@@ -7,7 +7,7 @@ the real run are one and the same thing.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from socklab import shaping
 from socklab.shaping.commands import DEFAULT_STATE_PATH
@@ -111,10 +111,16 @@ def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
     return argv
 
 
-def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True) -> dict[str, Any]:
-    """The Compose override file that turns compose.yaml into this case's lab."""
+def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True,
+                     owner: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Compose override file that turns compose.yaml into this case's lab.
+
+    ``owner``: labels naming the run that owns the objects (see labkit.owner);
+    they go on every container, network and volume, so that `lab.py clean`
+    leaves a live run's objects alone.
+    """
     def labels() -> dict[str, str]:
-        return {LAB_LABEL: "true", CASE_LABEL: case_id}
+        return {LAB_LABEL: "true", CASE_LABEL: case_id, **(owner or {})}
 
     services: dict[str, Any] = {
         SERVER_SERVICE: {
@@ -134,7 +140,13 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "depends_on": {SERVER_SERVICE: {"condition": "service_healthy"}},
             "deploy": {"replicas": group.replicas},
         }
-    return {"services": services}
+    if not owner:
+        return {"services": services}
+    # compose.yaml labels the network and volume as the lab's already; Compose
+    # concatenates a volume's labels, and would refuse that one twice.
+    owned = {k: v for k, v in labels().items() if k != LAB_LABEL}
+    return {"services": services, "networks": {"lab": {"labels": owned}},
+            "volumes": {"results": {"labels": owned}}}
 
 
 def client_services(experiment: Experiment) -> list[str]:

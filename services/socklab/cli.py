@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import Callable, NoReturn, Sequence
 
 from .errors import SocklabError, UsageError
 from . import units
+from .results import emit_failure
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,13 +47,24 @@ def positive_int(text: str) -> int:
 
 
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> NoReturn:
-    """Run a role's main, turning SocklabError into its sentence and exit code."""
+    """Run a role's main, turning an error into its sentence, a failure line and an exit code.
+
+    The sentence goes to stderr for whoever reads it; the failure line (see
+    results.emit_failure) goes to stdout with the results, so the orchestrator
+    can say which role failed and why without guessing from stderr.
+    """
+    role = argv[0] if argv else "socklab"
     try:
         code = main(argv)
     except SocklabError as exc:
         print(f"socklab: {exc}", file=sys.stderr)
         code = exc.exit_code
+        emit_failure(role, str(exc), code)
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:  # a bug: the traceback for whoever debugs it, the line for the report
+        traceback.print_exc()
+        code = 1
+        emit_failure(role, f"{type(exc).__name__}: {exc}", code)
     sys.stdout.flush()
     sys.exit(code)

@@ -32,7 +32,7 @@ import signal
 import sys
 
 from .errors import SocklabError, UsageError
-from .results import emit_result
+from .results import ENV_FAILURE_LINE, emit_failure, emit_result
 
 WORKLOAD_USER = "socklab"
 # Roles that run as root because their job is the link itself.
@@ -120,6 +120,15 @@ def report_link(delay_line: dict | None = None) -> None:
     emit_result({"role": "link", **shown})
 
 
+def report_killed(role: str, code: int) -> None:
+    """Print the failure line of a workload that a signal killed (status 128+N)."""
+    try:
+        name = signal.Signals(code - 128).name
+    except ValueError:
+        name = f"signal {code - 128}"
+    emit_failure(role, f"the {role} was killed by {name}", code)
+
+
 def hold() -> int:
     """Wait, doing nothing, until SIGTERM or SIGINT (a kept container's main process)."""
     stop = {signal.SIGTERM, signal.SIGINT}
@@ -136,6 +145,8 @@ def main(argv: list[str]) -> int:
     role, args = argv[0], argv[1:]
     if role == "hold":
         return hold()
+    # From here a failure, this process's or the workload's, prints its failure line.
+    os.environ[ENV_FAILURE_LINE] = "1"
     if role == "exec":
         if not args:
             raise UsageError("entry exec needs a command to run")
@@ -157,6 +168,8 @@ def main(argv: list[str]) -> int:
     if result_dir:
         prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
     code = supervise(command)
+    if code > 128:  # killed: the workload could not say so itself
+        report_killed(role if role != "exec" else os.path.basename(command[0]), code)
     final = stop_delay_line()
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
         report_link(final)

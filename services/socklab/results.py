@@ -36,6 +36,20 @@ def emit_result(result: dict[str, Any], result_file: str | None = None) -> None:
         write_atomic(result_file, line + "\n")
 
 
+# The role a failure line carries: a role that cannot print its own result
+# says here which role failed, with the sentence it printed and its exit status.
+FAILURE_ROLE = "error"
+# Set by the entrypoint for itself and its workload: under it, a failing role
+# prints a failure line (run by hand, a role's stdout stays its results alone).
+ENV_FAILURE_LINE = "SOCKLAB_FAILURE_LINE"
+
+
+def emit_failure(failed: str, message: str, exit_code: int) -> None:
+    """Print the result line of a failure (under the entrypoint): which role, why, its exit status."""
+    if os.environ.get(ENV_FAILURE_LINE) == "1":
+        emit_result({"role": FAILURE_ROLE, "failed": failed, "error": message, "exit_code": exit_code})
+
+
 def find_results(text: str) -> list[dict[str, Any]]:
     """Every result line in ``text`` (a container's log), in order."""
     found = []

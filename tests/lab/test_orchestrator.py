@@ -1,4 +1,4 @@
-"""lab.py on real containers: a whole run, its run directory, interrupt and resume, doctor."""
+"""lab.py on real containers: a whole run, its run directory, interrupt and resume, doctor, runs side by side."""
 
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ def test_interrupted_run_leaves_nothing_behind_and_resumes(lab_image, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 1, out + err
-    assert "--resume" in err
+    assert proc.returncode == 130, out + err
+    assert "interrupted by SIGINT" in err and "--resume" in err
     assert _lab_objects() == {"containers": [], "networks": [], "volumes": []}
 
     run = cases.parent
@@ -160,7 +160,8 @@ def test_clean_removes_what_carries_the_label_and_nothing_else(project):
     project.up("server", env={"SERVER_MAX_CONNECTIONS": "1000"})
     bystander = f"{project.name}-unlabelled"
     subprocess.run(["docker", "run", "-d", "--name", bystander, "--entrypoint", "sleep",
-                    "socklab:latest", "120"], check=True, capture_output=True)
+                    f"socklab:{os.environ.get('SOCKLAB_IMAGE_TAG', 'latest')}", "120"], check=True,
+                   capture_output=True)
     try:
         done = lab("clean")
         assert done.returncode == 0, done.stderr
@@ -244,3 +245,41 @@ def test_reuse_shares_one_project_across_cases_and_drops_it_after_a_failure(lab_
     # Each timed-out case took its containers down: the next one made new ones.
     assert len(list((run / "compose").glob("*.yaml"))) == 3
     assert _lab_objects("socklab-reuse-") == {"containers": [], "networks": [], "volumes": []}
+
+
+# Two short cases of the same containers, with a name of their own.
+COEXIST_EXPERIMENT = (REUSE_EXPERIMENT.replace("name: reuse", "name: coexist")
+                      .replace("  clients.load.link.rate: [20mbit, 50mbit]\n", "")
+                      .replace("[blocking, select, asyncio]", "[blocking, select]"))
+
+
+def test_two_runs_at_once_both_finish_while_clean_leaves_their_objects_alone(lab_image, tmp_path):
+    config = tmp_path / "coexist.yaml"
+    config.write_text(COEXIST_EXPERIMENT)
+    runs = [subprocess.Popen([sys.executable, "lab.py", "run", str(config), "--out", str(tmp_path / name)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name in ("a", "b")]
+    cleans = []
+    try:
+        deadline = time.monotonic() + 400
+        while any(run.poll() is None for run in runs) and time.monotonic() < deadline:
+            cleans.append(lab("clean"))
+            time.sleep(0.5)
+        outputs = [run.communicate(timeout=120) for run in runs]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    for run, (out, err) in zip(runs, outputs):
+        assert run.returncode == 0, out + err
+    for name in ("a", "b"):
+        records = [json.loads(line) for line in (only_run_dir(tmp_path / name) / "cases.jsonl").read_text().splitlines()]
+        assert [r["status"] for r in records] == ["ok", "ok"]
+    assert all(c.returncode == 0 for c in cleans), [c.stderr for c in cleans if c.returncode]
+    # Clean ran while the runs' containers were up, and said it left them and why.
+    left = [line for c in cleans for line in c.stdout.splitlines()
+            if line.startswith("left") and "its run is still going" in line and "socklab-coexist-" in line]
+    assert left, "\n".join(c.stdout for c in cleans)
+    assert not any("socklab-coexist-" in line for c in cleans for line in c.stdout.splitlines()
+                   if line.startswith("removed"))
+    assert _lab_objects("socklab-coexist-") == {"containers": [], "networks": [], "volumes": []}

@@ -24,3 +24,48 @@ def test_a_container_removed_from_outside_fails_its_case_not_the_run():
     with pytest.raises(ContainerGone, match="disappeared"):
         api.state(gone)
     assert api.logs(gone) == "" and api.wait(gone, 1) is None
+
+
+class _Object:
+    def __init__(self, name, labels, removed, *, attrs=False, missing=False):
+        self.id, self.name = f"id-{name}", name
+        if attrs:
+            self.attrs = {"Labels": labels}
+        else:
+            self.labels = labels
+        self._removed, self._missing = removed, missing
+
+    def remove(self, **kwargs):
+        if self._missing:
+            raise docker.errors.NotFound("gone meanwhile")
+        self._removed.append((self.name, kwargs))
+
+
+class _Collection:
+    def __init__(self, objects):
+        self.objects = {o.id: o for o in objects}
+
+    def list(self, all=False, filters=None):
+        (label,) = filters["label"]
+        return [o for o in self.objects.values()
+                if label in (o.labels if hasattr(o, "labels") else o.attrs["Labels"])]
+
+    def get(self, key):
+        return self.objects[key]
+
+
+def test_the_labs_objects_are_listed_with_their_labels_and_removed_one_by_one():
+    removed = []
+    lab = {"io.socklab.lab": "true", "io.socklab.owner.pid": "7"}
+
+    class Client:
+        containers = _Collection([_Object("p-server-1", lab, removed), _Object("other", {}, removed)])
+        networks = _Collection([_Object("p_lab", lab, removed, attrs=True)])
+        volumes = _Collection([_Object("p_results", lab, removed, attrs=True, missing=True)])
+
+    api = DockerAPI(Client())
+    objects = api.objects()
+    assert [(o.kind, o.name, o.labels) for o in objects] == [
+        ("containers", "p-server-1", lab), ("networks", "p_lab", lab), ("volumes", "p_results", lab)]
+    assert [api.remove_object(o) for o in objects] == [True, True, False]
+    assert removed == [("p-server-1", {"force": True, "v": True}), ("p_lab", {})]
