@@ -21,13 +21,19 @@ from common import Log
 from experiments import link_env
 from labkit.compose import COMPOSE_FILE, ComposeProject
 from labkit.docker_api import DockerAPI, LabContainer
+from labkit.engine.compose import ComposeEngine
+from labkit.owner import current_owner
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
+from labkit.scenario import owned
 from socklab.results import find_results
 
 # Carried by every container a benchmark starts with `compose run -d`, with the
 # container's name, so that exactly that one can be removed.
 CONTAINER_LABEL = "io.socklab.bench.container"
+
+# The services of compose.yaml that benchmarks start (by `up` or `compose run`).
+BENCH_SERVICES = ("server", "client")
 
 
 def build_image() -> None:
@@ -37,14 +43,16 @@ def build_image() -> None:
 
 @contextmanager
 def bench_lab(services: Mapping[str, Mapping] | None = None, *, prefix: str = "socklab-bench") -> Iterator[ComposeProject]:
-    """A Compose project of its own (the lab's compose.yaml plus ``services`` overrides), removed afterwards."""
+    """A Compose project of its own (the lab's compose.yaml plus ``services`` overrides), removed afterwards.
+
+    Its objects carry this process as their owner, as a run's do, so that a `lab.py clean`
+    meanwhile leaves the benchmark alone.
+    """
     with tempfile.TemporaryDirectory() as tmp:
-        files: tuple[Path, ...] = (COMPOSE_FILE,)
-        if services:
-            override = Path(tmp) / "bench.json"
-            override.write_text(json.dumps({"services": services}))
-            files += (override,)
-        lab = ComposeProject(f"{prefix}-{secrets.token_hex(3)}", files=files)
+        definition = {"services": {**dict.fromkeys(BENCH_SERVICES, {}), **(services or {})}}
+        override = Path(tmp) / "bench.json"
+        override.write_text(json.dumps(owned(definition, current_owner().labels())))
+        lab = ComposeProject(f"{prefix}-{secrets.token_hex(3)}", files=(COMPOSE_FILE, override))
         try:
             yield lab
         finally:
@@ -67,7 +75,7 @@ def engine() -> DockerAPI:
 
 def case_runner(rundir: RunDir, progress: Log, **options: bool) -> CaseRunner:
     """The case runner `lab.py run` uses, on the engine, writing into ``rundir``."""
-    return CaseRunner(engine(), rundir, progress, **options)
+    return CaseRunner(ComposeEngine(engine()), rundir, progress, owner=current_owner().labels(), **options)
 
 
 def _env_flags(env: Mapping[str, str]) -> list[str]:

@@ -133,9 +133,10 @@ class RunDir:
         write_atomic(self.path / name, data, durable=True)
         return name
 
-    def compose_file(self, case_id: str, repetition: int) -> Path:
-        """Where a case repetition's Compose override is kept."""
-        return self.compose / f"{_file_word(case_id)}.r{repetition}.compose.yaml"
+    def definition_record(self, case_id: str, repetition: int) -> Path:
+        """Where a case repetition's lab definition is kept, without a suffix: the engine
+        adds its own (``.yaml`` for a Compose override)."""
+        return self.compose / f"{_file_word(case_id)}.r{repetition}.compose"
 
     def write_text(self, name: str, text: str) -> Path:
         """Write a file of the run (report.md, summary.csv) atomically."""
@@ -209,14 +210,14 @@ class LoadedRun:
         return None if name is None else self.path / name
 
 
-def new_meta(*, git_revision: str, versions: Mapping[str, Any], compose: str,
+def new_meta(*, git_revision: str | None, versions: Mapping[str, Any],
              now: dt.datetime | None = None) -> dict[str, Any]:
-    """meta.json of a run that starts now. ``versions`` is the engine's (kernel, engine,
-    api); the shaping backend is filled in from the records by :meth:`RunDir.finish`."""
+    """meta.json of a run that starts now. ``versions`` is what the engine reports under
+    meta.json's own keys (``Engine.versions()``: host_kernel, docker, compose); the shaping
+    backend is filled in from the records by :meth:`RunDir.finish`."""
     return {
         "schema": schema.META_SCHEMA, "lab_version": socklab.__version__, "git_revision": git_revision,
-        "host_kernel": versions["kernel"], "docker": dict(versions), "compose": compose,
-        "python": platform.python_version(), "shaping_backend": None,
+        **versions, "python": platform.python_version(), "shaping_backend": None,
         "started_at": _stamp(now), "ended_at": None, "resumed_at": [],
     }
 
@@ -229,8 +230,3 @@ def _file_word(text: str) -> str:
     """``text`` as part of a file name: safe on every filesystem, and one name per text
     (percent-encoded, so that "a,b" and "a_b" stay apart)."""
     return quote(text, safe="=.-_")
-
-
-# Only while runner.py still names its files itself; remove with that last use, when
-# it calls RunDir.write_trace and RunDir.compose_file (issue 12).
-trace_name = schema.v1_trace_name

@@ -34,7 +34,7 @@ from . import records, scenario
 from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
 from .headline import RoleOutcome, cause_alone, headline, last_line, last_words, needs_last_words
 from .matrix import Case
-from .rundir import RunDir, trace_name
+from .rundir import RunDir
 
 POLL_S = 0.2
 SERVER_STOP_S = 15.0
@@ -92,7 +92,7 @@ class CaseRunner:
         return scenario.compose_override(case.experiment, case.id, trace=self.trace, owner=self.owner)
 
     def _create(self, case: Case, repetition: int, definition: dict) -> Lab:
-        record = self.rundir.compose / trace_name(case.id, repetition, "compose").removesuffix(".trace.gz")
+        record = self.rundir.definition_record(case.id, repetition)
         return self.engine.create(definition, name_hint=case.experiment.name, record=record)
 
     def run(self, case: Case, repetition: int) -> dict:
@@ -296,9 +296,8 @@ class CaseRunner:
             if is_server:
                 server_result = by_role.get("server")
                 continue
-            clients.append(records.client_record(group, replica, by_role.get("client")))
-            if trace:
-                (self.rundir.traces / trace_name(case.id, repetition, key)).write_bytes(trace)
+            trace_file = self.rundir.write_trace(case.id, repetition, key, trace) if trace else None
+            clients.append(records.client_record(group, replica, by_role.get("client"), trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
         return records.case_record(

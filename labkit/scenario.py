@@ -120,7 +120,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
     leaves a live run's objects alone.
     """
     def labels() -> dict[str, str]:
-        return {LAB_LABEL: "true", CASE_LABEL: case_id, **(owner or {})}
+        return {LAB_LABEL: "true", CASE_LABEL: case_id}
 
     services: dict[str, Any] = {
         SERVER_SERVICE: {
@@ -140,13 +140,21 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "depends_on": {SERVER_SERVICE: {"condition": "service_healthy"}},
             "deploy": {"replicas": group.replicas},
         }
+    return owned({"services": services}, owner)
+
+
+def owned(definition: dict[str, Any], owner: Mapping[str, str] | None) -> dict[str, Any]:
+    """``definition`` (a Compose override: ``{"services": ...}``) with ``owner``'s labels on
+    every service, the lab network and the results volume (see labkit.owner), so that
+    `lab.py clean` leaves a live run's objects alone; unchanged without an owner."""
     if not owner:
-        return {"services": services}
+        return definition
+    services = {name: {**service, "labels": {**service.get("labels", {}), **owner}}
+                for name, service in definition["services"].items()}
     # compose.yaml labels the network and volume as the lab's already; Compose
     # concatenates a volume's labels, and would refuse that one twice.
-    owned = {k: v for k, v in labels().items() if k != LAB_LABEL}
-    return {"services": services, "networks": {"lab": {"labels": owned}},
-            "volumes": {"results": {"labels": owned}}}
+    return {**definition, "services": services, "networks": {"lab": {"labels": dict(owner)}},
+            "volumes": {"results": {"labels": dict(owner)}}}
 
 
 def client_services(experiment: Experiment) -> list[str]:

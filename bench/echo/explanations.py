@@ -11,7 +11,7 @@ from .profiling import profile_pair
 
 
 # What the lab's servers do around each request that the reference does not,
-# read from servers.py; the measurements say how much it weighs.
+# read from the servers package (servers/reactor.py, servers/connection.py); the measurements say how much it weighs.
 _FINITE_WAIT = ("And as it enforces an idle timeout, every wait in the poller has a finite timeout, which the "
                 "kernel arms as a timer each time the server blocks: on loopback, one far-off timer added to the "
                 "reference raised its CPU per round trip at 1 connection by about 2 µs (10 %; higher in 12 of 15 "

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from experiments import SOCKLAB, client_argv, probe_command, server_argv
 from labkit.scenario import SERVER_PORT as PORT
 
-PORT = 5000
 C10K = 10_000
 # net.core.somaxconn in a fresh network namespace, the most a listen() backlog
 # gets. Not more: asyncio also takes the backlog as the number of accept()s to

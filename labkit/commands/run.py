@@ -8,16 +8,13 @@ signal during that teardown does not cut it short.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
-import platform
 import shlex
 import signal
 import time
 from pathlib import Path
 from typing import Sequence
 
-import socklab
 from socklab.errors import UsageError
 
 from .. import engine as engines
@@ -92,18 +89,9 @@ class Interrupts:
             signal.signal(signum, handler)
 
 
-def _meta(versions: dict) -> dict:
-    """A new run's meta.json (the engine's versions by their keys)."""
-    return {
-        "lab_version": socklab.__version__, "git_revision": _git_revision(), **versions,
-        "python": platform.python_version(), "shaping_backend": None,
-        "started_at": dt.datetime.now().astimezone().isoformat(timespec="seconds"), "ended_at": None,
-    }
-
-
 def cmd_run(args) -> int:
     """Run an experiment's cases and write the run directory."""
-    from ..rundir import RunDir
+    from ..rundir import RunDir, new_meta
     from ..runner import CaseRunner
 
     overrides = list(args.set) + ([f"repeat={args.repeat}"] if args.repeat is not None else [])
@@ -130,10 +118,7 @@ def cmd_run(args) -> int:
             rundir = RunDir.create(Path(args.out) if args.out else DEFAULT_OUT, experiment.name)
             rundir.write_experiment(experiment.to_dict())
         progress_line(f"run directory: {rundir.path}")
-        meta = rundir.read_meta() or _meta(versions)
-        meta["resumed_at"] = meta.get("resumed_at", []) + ([dt.datetime.now().astimezone().isoformat(
-            timespec="seconds")] if args.resume else [])
-        rundir.write_meta(meta)
+        rundir.begin(new_meta(git_revision=_git_revision(), versions=versions), resumed=bool(args.resume))
 
         progress_line("building the lab image")
         engine.build_image()
@@ -152,14 +137,12 @@ def cmd_run(args) -> int:
                 runner.progress = progress
                 record = runner.run(case, repetition)
                 rundir.append_case(record)
-                if record["link"]["backend"] not in (None, "none"):
-                    meta["shaping_backend"] = record["link"]["backend"]
                 progress(f"{record['status']}, {record['wall_s']:.1f} s")
         except KeyboardInterrupt:  # told below, once the lab is down
             interrupted = interrupts.received or "SIGINT"
         finally:
             runner.close()
-    _finish(rundir, meta)
+    _finish(rundir)
     if interrupted:
         progress_line(f"\ninterrupted by {interrupted}: the lab's containers are removed and the finished "
                       f"cases kept; resume with: python lab.py run --resume {rundir.path}")
@@ -170,10 +153,8 @@ def cmd_run(args) -> int:
     return 0 if all(records.record_passed(r) for r in all_records) else 1
 
 
-def _finish(rundir, meta: dict) -> None:
+def _finish(rundir) -> None:
     from .. import report
 
-    meta["shaping_backend"] = meta.get("shaping_backend") or "none"
-    meta["ended_at"] = dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    rundir.write_meta(meta)
+    rundir.finish()
     report.write_report(rundir)

@@ -255,7 +255,7 @@ def test_profiler_profiles_the_lab_server_which_still_prints_its_result():
     profile, stdout = _profiled(experiments.probe_command("profile_server", "lab", *argv), port)
     (result,) = [r for r in find_results(stdout) if r["role"] == "server"]
     assert result["connections"] == 20 and result["bytes_received"] == 20 * 1024
-    assert any(name.startswith("servers.py:") for name, *_ in profile["rows"])
+    assert any(name.startswith("reactor.py:") for name, *_ in profile["rows"])
 
 
 @pytest.mark.parametrize(("kind", "expected_bytes"), [("whole", 1_000_000 // 13 * 13),

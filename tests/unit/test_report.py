@@ -454,8 +454,8 @@ def test_a_newer_meta_schema_is_refused_and_an_unversioned_one_upgraded(tmp_path
 
 def test_meta_names_the_shaping_backend_of_the_records_a_list_when_cases_differ(tmp_path):
     rundir = RunDir.create(tmp_path, "t")
-    versions = {"kernel": "6.1", "engine": "24.0", "api": "1.43"}
-    started = rundir.begin(new_meta(git_revision="abc1234", versions=versions, compose="2.26"), resumed=False)
+    versions = {"host_kernel": "6.1", "docker": {"kernel": "6.1", "engine": "24.0", "api": "1.43"}, "compose": "2.26"}
+    started = rundir.begin(new_meta(git_revision="abc1234", versions=versions), resumed=False)
     assert started["schema"] == 1 and started["shaping_backend"] is None and started["ended_at"] is None
     for case, backend in (("a", "netem"), ("b", "none"), ("c", "userspace"), ("d", "netem")):
         rundir.append_case({"schema": 2, "case": case, "repetition": 0, "status": "ok",
@@ -465,7 +465,7 @@ def test_meta_names_the_shaping_backend_of_the_records_a_list_when_cases_differ(
     meta = rundir.finish()
     assert meta["shaping_backend"] == ["netem", "userspace"] and meta["ended_at"]
     assert json.loads((rundir.path / "meta.json").read_text()) == meta
-    resumed = rundir.begin(new_meta(git_revision="other", versions=versions, compose="2.26"), resumed=True)
+    resumed = rundir.begin(new_meta(git_revision="other", versions=versions), resumed=True)
     assert resumed["git_revision"] == "abc1234" and len(resumed["resumed_at"]) == 1
     unshaped = RunDir.create(tmp_path, "u")
     unshaped.begin(started, resumed=False)

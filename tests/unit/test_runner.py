@@ -73,10 +73,11 @@ def test_a_case_that_ends_normally_is_collected_whole(rundir):
     assert record["link"]["applied"] == {"server": {"up": {"rate_bps": 10_000_000}, "down": {"rate_bps": 10_000_000}},
                                          "sender": {"up": {"rate_bps": 10_000_000}, "down": {"rate_bps": 10_000_000}}}
     assert set(record["link"]["qdisc"]) == {"server", "sender", "sender#1"}
-    # Every client's trace, as the container wrote it, under its own name.
-    traces = sorted(p.name for p in rundir.traces.iterdir())
-    assert traces == ["default.r0.sender#1.trace.gz", "default.r0.sender.trace.gz"]
-    assert gzip.decompress((rundir.traces / traces[1]).read_bytes()) == b'{"mode": "blocking"}\n'
+    # Every client's trace, as the container wrote it, under its own name, which its record names.
+    named = [c["trace"] for c in record["clients"]]
+    assert named == ["traces/default.r0.sender.trace.gz", "traces/default.r0.sender%231.trace.gz"]
+    assert sorted(f"traces/{p.name}" for p in rundir.traces.iterdir()) == sorted(named)
+    assert gzip.decompress((rundir.path / named[0]).read_bytes()) == b'{"mode": "blocking"}\n'
     # The engine's description of the lab is kept in the run directory, owner labels included.
     (kept,) = rundir.compose.iterdir()
     definition = json.loads(kept.read_text())
