@@ -19,7 +19,7 @@ from socklab.errors import UsageError
 from socklab.shaping import LinkSpec, build_plan, link_spec_from_mapping
 from socklab.shaping import nfqueue as nq
 from socklab.shaping.delayline import HELD, LOST, OVERFLOW, QUEUES, RESEND_MARK, DelayLine, DelayQueue, LineConfig
-from socklab.shaping.commands import _parser
+from socklab.shaping.cli import _parser
 from socklab.shaping.plan import (
     delay_line_rules,
     delayline_command,

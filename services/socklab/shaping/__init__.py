@@ -8,7 +8,8 @@ userspace backend's delay line (``delayline``, over the netlink client in
 
 from .backends import Backend, NetemBackend, UserspaceBackend, build_plan, choose_backend, get_backend
 from .caps import Capabilities, probe_capabilities
-from .commands import (apply_from_env, apply_spec, main, remove_link, set_link, show_link, stop_delay_line,
+from .cli import main
+from .commands import (apply_from_env, apply_spec, remove_link, set_link, show_link, stop_delay_line,
                        teardown)
 from .model import (
     LinkChanges,
