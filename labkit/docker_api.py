@@ -191,11 +191,15 @@ class DockerAPI:
         found = []
         try:
             for kind in OBJECT_KINDS:
-                listing = self._collection(kind).list(**({"all": True} if kind == "containers" else {}),
-                                                      filters=flt)
-                for obj in listing:
-                    labels = obj.labels if kind == "containers" else obj.attrs.get("Labels")
-                    found.append(LabObject(kind, obj.name, dict(labels or {}), obj.id))
+                if kind == "containers":
+                    # The low-level listing: the high-level one inspects each container
+                    # afterwards, and fails on one that a run's teardown removed meanwhile.
+                    for c in self._client.api.containers(all=True, filters=flt):
+                        name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
+                        found.append(LabObject(kind, name, dict(c.get("Labels") or {}), c["Id"]))
+                    continue
+                for obj in self._collection(kind).list(filters=flt):
+                    found.append(LabObject(kind, obj.name, dict(obj.attrs.get("Labels") or {}), obj.id))
         except docker.errors.DockerException as exc:
             raise _convert("list the lab's objects", exc) from None
         return found
