@@ -110,6 +110,18 @@ class ExecRole:
         return self.job.output
 
 
+def start_exec_role(api: Any, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
+                    remove_first: Sequence[str] = ()) -> ExecRole:
+    """Start a role in a kept container through the entrypoint, its pid written first (see the module)."""
+    pid_path = posixpath.join(PID_DIR, f"{secrets.token_hex(4)}.pid")
+    steps = [f"mkdir -p {PID_DIR}", f"echo $$ > {pid_path}"]
+    if remove_first:
+        steps.append("rm -f " + " ".join(remove_first))
+    script = " && ".join(steps + [f"exec {entry_command(role_argv)}"])
+    job = api.start_exec(container, ["sh", "-c", script], dict(env))
+    return ExecRole(api, job, pid_path)
+
+
 @dataclass
 class ComposeLab:
     """One Compose project of the lab, its containers reached through the Docker SDK."""
@@ -138,13 +150,7 @@ class ComposeLab:
 
     def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
                    remove_first: Sequence[str] = ()) -> RoleHandle:
-        pid_path = posixpath.join(PID_DIR, f"{secrets.token_hex(4)}.pid")
-        steps = [f"mkdir -p {PID_DIR}", f"echo $$ > {pid_path}"]
-        if remove_first:
-            steps.append("rm -f " + " ".join(remove_first))
-        script = " && ".join(steps + [f"exec {entry_command(role_argv)}"])
-        job = self.api.start_exec(container, ["sh", "-c", script], dict(env))
-        return ExecRole(self.api, job, pid_path)
+        return start_exec_role(self.api, container, role_argv, env, remove_first)
 
     def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
         return self.api.exec(container, argv)
