@@ -108,16 +108,15 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
     return stack
 
 
-def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, *, poll_s: float = POLL_S,
-             sleep: Callable[[float], None] | None = None) -> T:
-    """``probe()``'s first value that is not None, asked every ``poll_s`` for up to ``timeout_s``.
+def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, *,
+             poll_s: float | None = None) -> T:
+    """``probe()``'s first value that is not None, asked every ``poll_s`` (POLL_S) for up to ``timeout_s``.
 
     ``probe`` raises (StartFailed, ContainerGone) when waiting longer cannot
     help; after ``timeout_s`` StartFailed says it was ``what`` that did not happen.
     """
-    kwargs = {"sleep": sleep} if sleep is not None else {}
-    retrying = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(poll_s),
-                        retry=retry_if_result(lambda value: value is None), **kwargs)
+    retrying = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(POLL_S if poll_s is None else poll_s),
+                        retry=retry_if_result(lambda value: value is None))
     try:
         return retrying(probe)
     except RetryError:
