@@ -23,13 +23,13 @@ from typing import Sequence
 from socklab.cli import ArgumentParser
 from socklab.errors import SocklabError
 
-from .engine import ENGINES
 from .commands.check import cmd_check, cmd_list
 from .commands.clean import cmd_clean
 from .commands.doctor import cmd_doctor
 from .commands.link import cmd_link
 from .commands.report import cmd_compare, cmd_report
 from .commands.run import INTERRUPTED_EXIT, cmd_run
+from .engine import ENGINES
 
 # ------------------------------------------------------------------------ main
 

@@ -110,20 +110,40 @@ class ExecRole:
         return self.job.output
 
 
-def start_exec_role(api: Any, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
-                    remove_first: Sequence[str] = ()) -> ExecRole:
-    """Start a role in a kept container through the entrypoint, its pid written first (see the module)."""
-    pid_path = posixpath.join(PID_DIR, f"{secrets.token_hex(4)}.pid")
-    steps = [f"mkdir -p {PID_DIR}", f"echo $$ > {pid_path}"]
-    if remove_first:
-        steps.append("rm -f " + " ".join(remove_first))
-    script = " && ".join(steps + [f"exec {entry_command(role_argv)}"])
-    job = api.start_exec(container, ["sh", "-c", script], dict(env))
-    return ExecRole(api, job, pid_path)
+class SdkContainers:
+    """What a lab does with its containers through the Docker SDK (``self.api``), whoever made them.
+
+    Shared by the Compose and Swarm labs: their containers differ in how they
+    come and go, not in how a role runs in one.
+    """
+
+    api: Any  # DockerAPI
+
+    def running(self, container: LabContainer) -> bool:
+        return bool(self.api.state(container).get("Running"))
+
+    def main_role(self, container: LabContainer) -> RoleHandle:
+        return ContainerRole(self.api, container)
+
+    def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
+                   remove_first: Sequence[str] = ()) -> RoleHandle:
+        pid_path = posixpath.join(PID_DIR, f"{secrets.token_hex(4)}.pid")
+        steps = [f"mkdir -p {PID_DIR}", f"echo $$ > {pid_path}"]
+        if remove_first:
+            steps.append("rm -f " + " ".join(remove_first))
+        script = " && ".join(steps + [f"exec {entry_command(role_argv)}"])
+        job = self.api.start_exec(container, ["sh", "-c", script], dict(env))
+        return ExecRole(self.api, job, pid_path)
+
+    def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
+        return self.api.exec(container, argv)
+
+    def read_file(self, container: LabContainer, path: str) -> bytes | None:
+        return self.api.read_file(container, path)
 
 
 @dataclass
-class ComposeLab:
+class ComposeLab(SdkContainers):
     """One Compose project of the lab, its containers reached through the Docker SDK."""
 
     api: Any  # DockerAPI
@@ -141,22 +161,6 @@ class ComposeLab:
 
     def containers(self, service: str | None = None) -> list[LabContainer]:
         return self.api.containers(self.name, service)
-
-    def running(self, container: LabContainer) -> bool:
-        return bool(self.api.state(container).get("Running"))
-
-    def main_role(self, container: LabContainer) -> RoleHandle:
-        return ContainerRole(self.api, container)
-
-    def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
-                   remove_first: Sequence[str] = ()) -> RoleHandle:
-        return start_exec_role(self.api, container, role_argv, env, remove_first)
-
-    def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
-        return self.api.exec(container, argv)
-
-    def read_file(self, container: LabContainer, path: str) -> bytes | None:
-        return self.api.read_file(container, path)
 
     def down(self) -> None:
         self.project.down()

@@ -34,8 +34,8 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from .. import proc
 from ..compose import COMPOSE_FILE, ComposeProject
-from .base import LAB_LABEL, Finding, LabContainer, LabObject, RoleHandle
-from .compose import ComposeEngine, ContainerRole, start_exec_role
+from .base import LAB_LABEL, Finding, LabContainer, LabObject
+from .compose import ComposeEngine, SdkContainers
 from .errors import ContainerGone, EngineError, LabEngineError, StartFailed
 
 STACK_LABEL = "com.docker.stack.namespace"
@@ -146,7 +146,7 @@ def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str,
 
 
 @dataclass
-class SwarmLab:
+class SwarmLab(SdkContainers):
     """One stack of the lab; its tasks' containers reached through the Docker SDK."""
 
     engine: "SwarmEngine"
@@ -229,22 +229,6 @@ class SwarmLab:
             if container is not None:
                 found.append(container)
         return sorted(found, key=lambda c: (c.service, c.number))
-
-    def running(self, container: LabContainer) -> bool:
-        return bool(self.api.state(container).get("Running"))
-
-    def main_role(self, container: LabContainer) -> RoleHandle:
-        return ContainerRole(self.api, container)
-
-    def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
-                   remove_first: Sequence[str] = ()) -> RoleHandle:
-        return start_exec_role(self.api, container, role_argv, env, remove_first)
-
-    def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
-        return self.api.exec(container, argv)
-
-    def read_file(self, container: LabContainer, path: str) -> bytes | None:
-        return self.api.read_file(container, path)
 
     def down(self) -> None:
         proc.run(["docker", "stack", "rm", self.name], check=False, timeout_s=120)
