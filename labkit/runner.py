@@ -255,6 +255,7 @@ class CaseRunner:
                     pass  # nothing left to stop; the case says why it failed
         # delay_line: the userspace backend's counters per container (null under netem).
         link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}}
+        nodes = {}  # which host ran each role, where the engine spans several
         server_result = None
         clients = []
 
@@ -286,6 +287,8 @@ class CaseRunner:
             replica = container.number - 1
             key = group if replica == 0 else f"{group}#{replica}"
             is_server = _is_server(role)
+            if container.node:
+                nodes[key] = container.node
             if "link" in by_role:
                 shown = by_role["link"]
                 if shown.get("backend") not in (None, "none"):
@@ -300,10 +303,13 @@ class CaseRunner:
             clients.append(records.client_record(group, replica, by_role.get("client"), trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
-        return records.case_record(
+        record = records.case_record(
             case=case, repetition=repetition, status=status, error=error, wall_s=wall_s,
             link=link, server=records.server_record(server_result),
             clients=sorted(clients, key=lambda c: (c["name"], c["replica"])))
+        if nodes:
+            record["nodes"] = nodes
+        return record
 
     @staticmethod
     def _judge(outcome: _Outcome, outcomes: list[RoleOutcome]) -> tuple[str, str | None]:

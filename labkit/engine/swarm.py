@@ -142,7 +142,8 @@ def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str,
     if state not in STARTED_STATES or not container_id:
         return None
     slot = int(task.get("Slot") or 1)
-    return LabContainer(container_id, f"{service}.{slot}.{task['ID']}", short, slot)
+    return LabContainer(container_id, f"{service}.{slot}.{task['ID']}", short, slot,
+                        node_names.get(task.get("NodeID", ""), ""))
 
 
 @dataclass
@@ -285,9 +286,11 @@ class SwarmEngine:
         if not all(f.ok for f in findings):
             return findings
         try:
-            self._swarm()
+            info = self._swarm()
         except EngineError as exc:
             return findings + [Finding("swarm", False, str(exc))]
+        findings.append(Finding("swarm", True, f"a manager; {info.get('Nodes')} node(s), "
+                                               f"{info.get('Managers')} manager(s)"))
         image = self.lab_image()
         for node in self.api.client.nodes.list():
             desc = node.attrs["Description"]

@@ -48,6 +48,7 @@ def _labelled(kind: str, *filters: str) -> list[str]:
 
 
 def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
+    node = proc.run(["docker", "info", "--format", "{{.Name}}"], timeout_s=30).stdout.strip()
     done = _lab("run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     (cases,) = tmp_path.glob("*/*/cases.jsonl")
@@ -57,6 +58,8 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
         assert record["status"] == "ok", record["error"]
         assert all(e["passed"] for e in record["expectations"])
         (sender,) = record["clients"]
+        # Which node ran each role: on one node, this host's engine.
+        assert record["nodes"] == {"server": node, "sender": node}
         by_mode[sender["mode"]] = (sender, record["server"])
     blocking, server = by_mode["blocking"]
     assert blocking["send_calls"] == 1 and blocking["bytes_accepted"] == TUTORIAL_BYTES

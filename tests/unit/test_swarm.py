@@ -124,8 +124,9 @@ def task(state: str, *, slot: int = 1, container: str | None = "c0ffee", err: st
 def test_a_task_is_a_container_once_its_container_exists():
     assert task_container(task("pending", container=None), "st", {}) is None
     assert task_container(task("starting"), "st", {}) is None
-    found = task_container(task("complete", slot=2), "st", {})
-    assert (found.id, found.service, found.number, found.name) == ("c0ffee", "client-a", 2, "st_client-a.2.t2")
+    found = task_container(task("complete", slot=2), "st", {"n1": "vm2"})
+    assert (found.id, found.service, found.number, found.name, found.node) == \
+        ("c0ffee", "client-a", 2, "st_client-a.2.t2", "vm2")
 
 
 def test_a_refused_task_fails_the_start_with_its_node_and_reason():
