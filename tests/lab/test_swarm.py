@@ -57,6 +57,8 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
         record = json.loads(line)
         assert record["status"] == "ok", record["error"]
         assert all(e["passed"] for e in record["expectations"])
+        # The overlay's device: VXLAN takes 50 of Ethernet's 1500 bytes.
+        assert record["link"]["mtu"] == 1450
         (sender,) = record["clients"]
         # Which node ran each role: on one node, this host's engine.
         assert record["nodes"] == {"server": node, "sender": node}
