@@ -14,13 +14,12 @@ from labkit.engine import LAB_LABEL, StartFailed, open_engine
 from labkit.engine import swarm
 from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, stack_file, task_container,
                                  wait_for)
-from labkit.config import load_experiment_text
-from labkit.matrix import expand_cases
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.errors import EngineError
 
 from .fake_engine import FakeEngine
+from .test_runner import cases
 
 OWNER = {"io.socklab.owner.host": "h", "io.socklab.owner.pid": "1"}
 
@@ -273,22 +272,11 @@ def test_engine_option_picks_the_engine():
 
 # ------------------------------------------------- what the runner records
 
-EXPERIMENT = """
-name: fake
-timeout: 5s
-server: {mode: epoll}
-clients:
-  - name: sender
-    mode: blocking
-    workload: {kind: bulk, bytes: 1000}
-"""
-
-
 @pytest.mark.parametrize("mtu", [1500, 1450])
 def test_the_record_carries_the_lab_devices_mtu(tmp_path, mtu):
     engine = FakeEngine()
     engine.mtu = mtu
-    (case,) = expand_cases(load_experiment_text(EXPERIMENT, "fake.yaml"))
+    (case,) = cases()
     record = CaseRunner(engine, RunDir.create(tmp_path, "fake"), lambda text: None).run(case, 0)
     assert record["status"] == "ok" and record["link"]["mtu"] == mtu
     assert "nodes" not in record  # the fake's containers, like Compose's, are on no node of their own
