@@ -318,7 +318,10 @@ class SwarmEngine:
             labels.update({k: v for k, v in (service.get("labels") or {}).items() if k.startswith("io.socklab.")})
         from ..scenario import SERVER_SERVICE
 
-        stack = stack_file(resolve([override]), services, image=self.lab_image(), labels=labels,
+        resolved = resolve([override])
+        # The image Compose would run this case's server with, unless --image names another.
+        image = self.image or resolved["services"][SERVER_SERVICE]["image"]
+        stack = stack_file(resolved, services, image=image, labels=labels,
                            deferred=[s for s in services if s != SERVER_SERVICE])
         path = record.with_name(record.name + ".stack.yaml")
         path.write_text(yaml.safe_dump(stack, sort_keys=False), encoding="utf-8")
