@@ -7,8 +7,10 @@ as it was found.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,8 +80,7 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
     assert cleaned.returncode == 0, cleaned.stderr
     assert "removed 0 services" in cleaned.stdout and "removed 0 networks" in cleaned.stdout, cleaned.stdout
     # Overlays only: Compose runs of other tests may have bridge networks of the lab meanwhile.
-    assert _labelled("service") == [] and _labelled("network", "driver=overlay") == []
-    assert _labelled("container", "label=com.docker.stack.namespace") == []
+    _nothing_of_the_lab_left()
     assert proc.run(["docker", "stack", "ls", "--format", "{{.Name}}"], timeout_s=30).stdout.strip() == ""
 
 
@@ -88,3 +89,29 @@ def test_doctor_lists_the_node(swarm):
     assert done.returncode == 0, done.stdout + done.stderr
     node_lines = [line for line in done.stdout.splitlines() if line.startswith("node ")]
     assert len(node_lines) == 1 and "kernel" in node_lines[0] and "backend" in node_lines[0], done.stdout
+
+
+def _nothing_of_the_lab_left() -> None:
+    assert _labelled("service") == [] and _labelled("network", "driver=overlay") == []
+    assert _labelled("container", "label=com.docker.stack.namespace") == []
+
+
+def test_an_interrupted_swarm_run_removes_its_stack_and_resumes(swarm, tmp_path):
+    argv = [sys.executable, "lab.py", "run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1",
+            "--out", str(tmp_path)]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupted while the first case's tasks run (its blocking send() takes ~11 s on the link).
+    deadline = time.monotonic() + 120
+    while not _labelled("service") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=180)
+    assert run.returncode == 130, out[-2000:] + err[-2000:]
+    _nothing_of_the_lab_left()
+    (rundir,) = tmp_path.glob("*/*")
+    done = _lab("run", "--resume", str(rundir), "--engine", "swarm")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    records = [json.loads(line) for line in (rundir / "cases.jsonl").read_text().splitlines()]
+    assert sorted(r["params"]["clients.sender.mode"] for r in records) == ["blocking", "nonblocking"]
+    _nothing_of_the_lab_left()
