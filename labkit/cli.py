@@ -29,8 +29,19 @@ from .commands.doctor import cmd_doctor
 from .commands.link import cmd_link
 from .commands.report import cmd_compare, cmd_report
 from .commands.run import INTERRUPTED_EXIT, cmd_run
+from .engine import ENGINES
 
 # ------------------------------------------------------------------------ main
+
+def _engine_options(parser: argparse.ArgumentParser, *, image: bool = False) -> None:
+    """--engine (and --image, for commands that start tasks) of the commands that reach an engine."""
+    parser.add_argument("--engine", choices=ENGINES, default="compose",
+                        help="compose (one host, the default) or swarm (the swarm the Docker client reaches)")
+    if image:
+        parser.add_argument("--image", metavar="REF",
+                            help="with --engine swarm: the image every node runs (default: the lab image "
+                                 "the Compose build makes; or SOCKLAB_IMAGE)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     """lab.py's argument parser."""
@@ -49,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", action="store_true",
                    help="keep containers between consecutive cases that have the same containers and links "
                         "(each case's roles run by docker exec; the link is applied afresh for each)")
+    _engine_options(p, image=True)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate an experiment, print its cases")
@@ -57,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
 
     sub.add_parser("list", help="the experiments in configs/").set_defaults(func=cmd_list)
-    sub.add_parser("doctor", help="check the engine and kernel").set_defaults(func=cmd_doctor)
+    p = sub.add_parser("doctor", help="check the engine and kernel")
+    _engine_options(p, image=True)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("report", help="rebuild report.md and plots from a run directory")
     p.add_argument("run_dir")
@@ -81,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clean", help="remove what the lab left behind (never a live run's objects)")
     p.add_argument("--force", action="store_true", help="remove the objects of runs still going too")
+    _engine_options(p)
     p.set_defaults(func=cmd_clean)
     return parser
 

@@ -6,7 +6,7 @@ from .. import engine as engines
 from .. import owner
 from .common import say
 
-KINDS = ("containers", "networks", "volumes")
+KINDS = ("services", "containers", "networks", "volumes")  # services: a swarm's
 
 
 def cmd_clean(args) -> int:
@@ -15,7 +15,7 @@ def cmd_clean(args) -> int:
     What is left is said, grouped by why (its run is still going, or its owner
     cannot be checked from this host); ``--force`` removes those too.
     """
-    engine = engines.open_engine()
+    engine = engines.open_engine(args.engine)
     host = owner.this_host()
     removed: dict[str, list[str]] = {kind: [] for kind in KINDS}
     left: dict[str, dict[str, list[str]]] = {}
@@ -26,6 +26,8 @@ def cmd_clean(args) -> int:
         elif engine.remove(obj):
             removed[obj.kind].append(obj.name)
     for kind, names in removed.items():
+        if kind == "services" and not names and args.engine != "swarm":
+            continue  # Compose makes none: its output stays as it was
         say(f"removed {len(names)} {kind}" + (f": {', '.join(names)}" if names else ""))
     for reason, by_kind in left.items():
         counts = ", ".join(f"{len(names)} {kind}" for kind, names in by_kind.items() if names)

@@ -45,7 +45,7 @@ def cmd_doctor(args) -> int:
     Every check is reported; one that needs what failed says so instead of
     running. Exit 3 if any failed.
     """
-    engine = engines.open_engine()
+    engine = engines.open_engine(args.engine, image=getattr(args, "image", None))
     failed = 0
     findings = engine.health()
     for finding in findings:

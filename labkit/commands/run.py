@@ -112,7 +112,7 @@ def cmd_run(args) -> int:
         return _dry_run(cases)
 
     with Interrupts() as interrupts:
-        engine = engines.open_engine()
+        engine = engines.open_engine(args.engine, image=args.image)
         versions = engine.versions()  # the engine is reachable before a run directory is made
         if not args.resume:
             rundir = RunDir.create(Path(args.out) if args.out else DEFAULT_OUT, experiment.name)

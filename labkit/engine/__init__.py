@@ -11,15 +11,23 @@ from .errors import ContainerGone, EngineError, ImageBuildFailed, LabEngineError
 
 __all__ = ["ContainerGone", "Engine", "EngineError", "Finding", "ImageBuildFailed", "LAB_LABEL", "Lab",
            "LabContainer", "LabEngineError", "LabObject", "RoleHandle", "StartFailed", "entry_argv",
-           "open_engine"]
+           "ENGINES", "open_engine"]
 
 
-def open_engine() -> Engine:
-    """The engine ``lab.py`` runs on: the one place that picks it.
+ENGINES = ("compose", "swarm")
 
+
+def open_engine(name: str = "compose", *, image: str | None = None) -> Engine:
+    """The engine ``lab.py`` runs on (``--engine``): the one place that picks it.
+
+    ``image``: the image a swarm's tasks run (``--image``; Compose builds its own).
     Nothing is contacted yet; the first call that needs the engine says so if
     it cannot be reached.
     """
+    if name == "swarm":
+        from .swarm import SwarmEngine
+
+        return SwarmEngine(image=image)
     from .compose import ComposeEngine
 
     return ComposeEngine()

@@ -39,6 +39,7 @@ class LabContainer:
     name: str
     service: str
     number: int
+    node: str = ""  # the host it runs on, where the engine spans several (a swarm's node); else empty
 
 
 @dataclass(frozen=True)

@@ -110,25 +110,14 @@ class ExecRole:
         return self.job.output
 
 
-@dataclass
-class ComposeLab:
-    """One Compose project of the lab, its containers reached through the Docker SDK."""
+class SdkContainers:
+    """What a lab does with its containers through the Docker SDK (``self.api``), whoever made them.
+
+    Shared by the Compose and Swarm labs: their containers differ in how they
+    come and go, not in how a role runs in one.
+    """
 
     api: Any  # DockerAPI
-    project: ComposeProject
-    name: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.name = self.project.name
-
-    def start(self, services: Sequence[str]) -> None:
-        try:
-            self.project.up(*services, wait=False)
-        except proc.CommandError as exc:
-            raise StartFailed(str(exc)) from None
-
-    def containers(self, service: str | None = None) -> list[LabContainer]:
-        return self.api.containers(self.name, service)
 
     def running(self, container: LabContainer) -> bool:
         return bool(self.api.state(container).get("Running"))
@@ -151,6 +140,27 @@ class ComposeLab:
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
         return self.api.read_file(container, path)
+
+
+@dataclass
+class ComposeLab(SdkContainers):
+    """One Compose project of the lab, its containers reached through the Docker SDK."""
+
+    api: Any  # DockerAPI
+    project: ComposeProject
+    name: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.name = self.project.name
+
+    def start(self, services: Sequence[str]) -> None:
+        try:
+            self.project.up(*services, wait=False)
+        except proc.CommandError as exc:
+            raise StartFailed(str(exc)) from None
+
+    def containers(self, service: str | None = None) -> list[LabContainer]:
+        return self.api.containers(self.name, service)
 
     def down(self) -> None:
         self.project.down()

@@ -242,6 +242,8 @@ class FakeLab:
             return (0 if argv[2] in fake.files else 1), ""
         if list(argv[:5]) == ["python3", "-m", "socklab", "shape", "set"]:
             return self.engine.shape_set(container, list(argv[5:]))
+        if list(argv) == ["cat", "/sys/class/net/eth0/mtu"]:
+            return 0, f"{self.engine.mtu}\n"
         return 127, f"fake engine: no such command {argv[0]}"
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
@@ -270,6 +272,7 @@ class FakeEngine:
         self.caps = caps
         self.stored = list(objects)
         self.removed: list[LabObject] = []
+        self.mtu = 1500  # the lab device's, as every container sees it
 
     def shape_set(self, container: LabContainer, words: list[str]) -> tuple[int, str]:
         """What `shape set` answers in a container (overridable)."""

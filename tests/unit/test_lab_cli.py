@@ -34,7 +34,7 @@ def test_an_error_of_a_command_is_prefixed_with_the_program(capsys, tmp_path):
 def engine(monkeypatch):
     """The fake engine, as the one lab.py opens."""
     fake = FakeEngine(caps=CAPS)
-    monkeypatch.setattr("labkit.engine.open_engine", lambda: fake)
+    monkeypatch.setattr("labkit.engine.open_engine", lambda *args, **kwargs: fake)
     return fake
 
 

@@ -1,0 +1,117 @@
+"""seed-demo on a single-node swarm (`--engine swarm`): the tutorial's facts, and nothing left afterwards.
+
+The host's engine is put into swarm mode only if it is not in one, and left
+as it was found.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from labkit import proc
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.docker
+TUTORIAL_BYTES = 136_314_880
+
+
+def _swarm_state() -> str:
+    return proc.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"], timeout_s=30).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def swarm(lab_image):
+    """A swarm on the host's engine: the one it is in, or a single node made here and left afterwards."""
+    made = _swarm_state() == "inactive"
+    if made:
+        proc.run(["docker", "swarm", "init", "--advertise-addr", "127.0.0.1"], timeout_s=60)
+    yield
+    if made:
+        proc.run(["docker", "swarm", "leave", "--force"], timeout_s=60)
+
+
+def _lab(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "lab.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+
+
+def _labelled(kind: str, *filters: str) -> list[str]:
+    argv = ["docker", kind, "ls", "-aq" if kind == "container" else "-q", "--filter", "label=io.socklab.lab"]
+    for flt in filters:
+        argv += ["--filter", flt]
+    return proc.run(argv, timeout_s=30).stdout.split()
+
+
+def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
+    node = proc.run(["docker", "info", "--format", "{{.Name}}"], timeout_s=30).stdout.strip()
+    done = _lab("run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    (cases,) = tmp_path.glob("*/*/cases.jsonl")
+    by_mode = {}
+    for line in cases.read_text().splitlines():
+        record = json.loads(line)
+        assert record["status"] == "ok", record["error"]
+        assert all(e["passed"] for e in record["expectations"])
+        # The overlay's device: VXLAN takes 50 of Ethernet's 1500 bytes.
+        assert record["link"]["mtu"] == 1450
+        (sender,) = record["clients"]
+        # Which node ran each role: on one node, this host's engine.
+        assert record["nodes"] == {"server": node, "sender": node}
+        by_mode[sender["mode"]] = (sender, record["server"])
+    blocking, server = by_mode["blocking"]
+    assert blocking["send_calls"] == 1 and blocking["bytes_accepted"] == TUTORIAL_BYTES
+    assert server["bytes_received"] == TUTORIAL_BYTES
+    nonblocking, server = by_mode["nonblocking"]
+    assert nonblocking["send_calls"] == 1 and 0 < nonblocking["bytes_accepted"] < TUTORIAL_BYTES
+    assert server["bytes_received"] == nonblocking["bytes_accepted"]
+    # Each case's stack file is kept with its override, and a trace came back from the task.
+    run = cases.parent
+    assert len(list((run / "compose").glob("*.stack.yaml"))) == 2
+    assert len(list((run / "traces").glob("*.trace.gz"))) == 2
+
+    cleaned = _lab("clean", "--engine", "swarm")
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert "removed 0 services" in cleaned.stdout and "removed 0 networks" in cleaned.stdout, cleaned.stdout
+    # Overlays only: Compose runs of other tests may have bridge networks of the lab meanwhile.
+    _nothing_of_the_lab_left()
+    assert proc.run(["docker", "stack", "ls", "--format", "{{.Name}}"], timeout_s=30).stdout.strip() == ""
+
+
+def test_doctor_lists_the_node(swarm):
+    done = _lab("doctor", "--engine", "swarm")
+    assert done.returncode == 0, done.stdout + done.stderr
+    node_lines = [line for line in done.stdout.splitlines() if line.startswith("node ")]
+    assert len(node_lines) == 1 and "kernel" in node_lines[0] and "backend" in node_lines[0], done.stdout
+
+
+def _nothing_of_the_lab_left() -> None:
+    assert _labelled("service") == [] and _labelled("network", "driver=overlay") == []
+    assert _labelled("container", "label=com.docker.stack.namespace") == []
+
+
+def test_an_interrupted_swarm_run_removes_its_stack_and_resumes(swarm, tmp_path):
+    argv = [sys.executable, "lab.py", "run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1",
+            "--out", str(tmp_path)]
+    run = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupted while the first case's tasks run (its blocking send() takes ~11 s on the link).
+    deadline = time.monotonic() + 120
+    while not _labelled("service") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=180)
+    assert run.returncode == 130, out[-2000:] + err[-2000:]
+    _nothing_of_the_lab_left()
+    (rundir,) = tmp_path.glob("*/*")
+    done = _lab("run", "--resume", str(rundir), "--engine", "swarm")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    records = [json.loads(line) for line in (rundir / "cases.jsonl").read_text().splitlines()]
+    assert sorted(r["params"]["clients.sender.mode"] for r in records) == ["blocking", "nonblocking"]
+    _nothing_of_the_lab_left()

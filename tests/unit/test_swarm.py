@@ -1,0 +1,282 @@
+"""The Swarm engine without a swarm: the stack file it builds, and how it waits for tasks and fails."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from labkit import scenario
+from labkit.cli import build_parser
+from labkit.engine import LAB_LABEL, StartFailed, open_engine
+from labkit.engine import swarm
+from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, stack_file, task_container,
+                                 wait_for)
+from labkit.rundir import RunDir
+from labkit.runner import CaseRunner
+from socklab.errors import EngineError
+
+from .fake_engine import FakeEngine
+from .test_runner import cases
+
+OWNER = {"io.socklab.owner.host": "h", "io.socklab.owner.pid": "1"}
+
+
+def resolved_case() -> dict:
+    """What `docker compose config` makes of compose.yaml and a case's override (its shape, abridged)."""
+    common = {"build": {"context": "services"}, "cap_add": ["NET_ADMIN"], "init": True, "image": "socklab:h7",
+              "networks": {"lab": None}, "volumes": [{"type": "volume", "source": "results", "target": "/results"}]}
+    return {"name": "x", "services": {
+        "server": {**common, "command": ["server", "--mode", "blocking", "--port", "5000"],
+                   "environment": {"SOCKLAB_LINK_RATE": "", "SOCKLAB_RESULT_RESET": "0"},
+                   "healthcheck": {"test": ["CMD", "sh", "-c", "ss -ltnH 'sport = :5000' | grep -q ."]},
+                   "labels": {LAB_LABEL: "true", scenario.CASE_LABEL: "c1"}},
+        "client-sender": {**common, "command": ["client", "--pattern", "costs $5\n"],
+                          "environment": {"SOCKLAB_LINK_RATE": "100mbit", "SOCKLAB_LINK_DELAY": None},
+                          "depends_on": {"server": {"condition": "service_healthy", "required": True}},
+                          "deploy": {"replicas": 3}, "profiles": ["manual"],
+                          "labels": {LAB_LABEL: "true", scenario.CASE_LABEL: "c1"}},
+        "summary": {**common, "command": ["summary"]},
+    }}
+
+
+def build(**kwargs) -> dict:
+    labels = {LAB_LABEL: "true", **OWNER}
+    return stack_file(resolved_case(), ["server", "client-sender"], image="registry.example/socklab:1",
+                      labels=labels, **kwargs)
+
+
+def test_the_stack_holds_the_cases_services_only_with_the_fixed_image():
+    stack = build()
+    assert stack["version"] == "3.8"
+    assert list(stack["services"]) == ["server", "client-sender"]
+    assert {s["image"] for s in stack["services"].values()} == {"registry.example/socklab:1"}
+
+
+def test_each_service_is_a_one_shot_task_addressed_by_dns_on_the_cases_overlay():
+    stack = build()
+    for service in stack["services"].values():
+        assert service["deploy"]["restart_policy"] == {"condition": "none"}
+        assert service["deploy"]["endpoint_mode"] == "dnsrr"
+        assert service["cap_add"] == ["NET_ADMIN"]
+        assert service["networks"] == ["lab"]
+        # What stacks ignore or cannot do is not carried: readiness is waited for by the engine.
+        assert not {"build", "depends_on", "healthcheck", "volumes", "profiles"} & set(service)
+    assert stack["networks"] == {"lab": {"driver": "overlay", "attachable": True, "internal": True,
+                                         "labels": {LAB_LABEL: "true", **OWNER}}}
+    assert stack["services"]["client-sender"]["deploy"]["replicas"] == 3
+    assert stack["services"]["server"]["deploy"]["replicas"] == 1
+
+
+def test_labels_go_on_services_and_their_containers_with_the_owner():
+    stack = build()
+    for service in stack["services"].values():
+        expected = {LAB_LABEL: "true", scenario.CASE_LABEL: "c1", **OWNER}
+        assert service["labels"] == expected
+        assert service["deploy"]["labels"] == expected
+
+
+def test_dollars_are_escaped_and_unset_variables_are_empty():
+    sender = build()["services"]["client-sender"]
+    assert sender["command"] == ["client", "--pattern", "costs $$5\n"]
+    assert sender["environment"] == {"SOCKLAB_LINK_RATE": "100mbit", "SOCKLAB_LINK_DELAY": ""}
+    # The stack file survives YAML as it is saved into the run directory.
+    assert yaml.safe_load(yaml.safe_dump(build()))["services"]["client-sender"]["command"][2] == "costs $$5\n"
+
+
+def test_deferred_services_start_with_no_replicas_and_say_how_many_they_get():
+    stack = build(deferred=["client-sender"])
+    assert stack["services"]["client-sender"]["deploy"]["replicas"] == 0
+    assert stack[SCALE_KEY] == {"client-sender": 3}
+    assert SCALE_KEY not in build()
+
+
+# ------------------------------------------------------------------ waiting
+
+def test_wait_for_returns_the_first_answer():
+    answers = iter([None, None, "ready"])
+    assert wait_for(lambda: next(answers), 5, "x", poll_s=0.001) == "ready"
+
+
+def test_wait_for_is_bounded_and_says_what_did_not_happen():
+    started = time.monotonic()
+    with pytest.raises(StartFailed, match=r"^the server did not listen within 0.2 s$"):
+        wait_for(lambda: None, 0.2, "the server did not listen", poll_s=0.02)
+    assert time.monotonic() - started < 2
+
+
+def test_wait_for_stops_at_once_when_waiting_cannot_help():
+    calls = []
+
+    def probe():
+        calls.append(1)
+        raise StartFailed("refused")
+
+    with pytest.raises(StartFailed, match="refused"):
+        wait_for(probe, 30, "x", poll_s=0.001)
+    assert len(calls) == 1
+
+
+def task(state: str, *, slot: int = 1, container: str | None = "c0ffee", err: str = "") -> dict:
+    status = {"State": state, "Err": err}
+    if container:
+        status["ContainerStatus"] = {"ContainerID": container}
+    return {"ID": f"t{slot}", "Slot": slot, "NodeID": "n1", "Status": status, "_service": "st_client-a"}
+
+
+def test_a_task_is_a_container_once_its_container_exists():
+    assert task_container(task("pending", container=None), "st", {}) is None
+    assert task_container(task("starting"), "st", {}) is None
+    found = task_container(task("complete", slot=2), "st", {"n1": "vm2"})
+    assert (found.id, found.service, found.number, found.name, found.node) == \
+        ("c0ffee", "client-a", 2, "st_client-a.2.t2", "vm2")
+
+
+def test_a_refused_task_fails_the_start_with_its_node_and_reason():
+    with pytest.raises(StartFailed, match=r"client-a\.1 on node vm2 was rejected: No such image: socklab:x"):
+        task_container(task("rejected", err="No such image: socklab:x"), "st", {"n1": "vm2"})
+
+
+# --------------------------------------------------------- a fake swarm API
+
+@dataclass
+class FakeService:
+    name: str
+    states: list  # the states its tasks go through, one per look
+    replicas: int = 1
+    looks: int = 0
+
+    def tasks(self):
+        state = self.states[min(self.looks, len(self.states) - 1)]
+        self.looks += 1
+        return [task(state, slot=n + 1, container=f"{self.name}-{n}") for n in range(self.replicas)]
+
+    def scale(self, replicas):
+        self.replicas = replicas
+        return True
+
+
+@dataclass
+class FakeClient:
+    services_by_name: dict
+    swarm: dict = field(default_factory=lambda: {"LocalNodeState": "active", "ControlAvailable": True})
+
+    @property
+    def services(self):
+        client = self
+
+        class Services:
+            def list(self, filters):
+                return list(client.services_by_name.values())
+
+        return Services()
+
+    @property
+    def nodes(self):
+        class Nodes:
+            def list(self):
+                return []
+
+        return Nodes()
+
+    def info(self):
+        return {"Swarm": self.swarm}
+
+
+@dataclass
+class FakeAPI:
+    client: FakeClient
+    listening_after: int = 0  # how many probes of the port fail first
+    server_running: bool = True
+    probes: int = 0
+
+    def exec(self, container, argv):
+        self.probes += 1
+        return (0 if self.probes > self.listening_after else 1), ""
+
+    def state(self, container):
+        return {"Running": self.server_running or container.service != "server"}
+
+
+def fake_lab(tmp_path, monkeypatch, api: FakeAPI) -> SwarmLab:
+    deployed = []
+    monkeypatch.setattr(swarm.proc, "run", lambda argv, **kw: deployed.append(argv))
+    monkeypatch.setattr(swarm, "POLL_S", 0.001)
+    path = tmp_path / "case.stack.yaml"
+    path.write_text(yaml.safe_dump(build(deferred=["client-sender"])))
+    lab = SwarmLab(SwarmEngine(api=api), "st", path)
+    lab.deployed = deployed
+    return lab
+
+
+def swarm_of(server_states, client_states) -> FakeClient:
+    return FakeClient({"server": FakeService("st_server", server_states),
+                       "client-sender": FakeService("st_client-sender", client_states, replicas=0)})
+
+
+def test_start_deploys_waits_for_the_server_to_listen_then_scales_the_clients(tmp_path, monkeypatch):
+    client = swarm_of(["pending", "starting", "running"], ["running"])
+    api = FakeAPI(client, listening_after=2)
+    lab = fake_lab(tmp_path, monkeypatch, api)
+    lab.start(["server", "client-sender"])
+    (deploy,) = lab.deployed
+    assert deploy[:3] == ["docker", "stack", "deploy"] and "--resolve-image" in deploy and deploy[-1] == "st"
+    assert api.probes == 3  # asked until it listened
+    assert client.services_by_name["client-sender"].replicas == 3
+    assert [c.number for c in lab.containers("client-sender")] == [1, 2, 3]
+
+
+def test_a_server_that_ends_before_it_listens_fails_the_start(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["running"])
+    api = FakeAPI(client, listening_after=10**6, server_running=False)
+    lab = fake_lab(tmp_path, monkeypatch, api)
+    with pytest.raises(StartFailed, match="the server's task ended before it listened"):
+        lab.start(["server", "client-sender"])
+    assert client.services_by_name["client-sender"].replicas == 0  # no client was started
+
+
+def test_a_server_task_that_never_starts_fails_within_the_bound(tmp_path, monkeypatch):
+    client = swarm_of(["pending"], ["running"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "TASK_START_S", 0.1)
+    with pytest.raises(StartFailed, match=r"the server's task did not start within 0.1 s"):
+        lab.start(["server", "client-sender"])
+
+
+def test_a_refused_client_task_fails_the_start(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["rejected"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    with pytest.raises(StartFailed, match=r"client-sender\.1 was rejected"):
+        lab.start(["server", "client-sender"])
+
+
+# ------------------------------------------------------- no swarm, and picking
+
+def test_an_engine_that_is_not_a_manager_is_no_swarm():
+    client = FakeClient({}, swarm={"LocalNodeState": "inactive", "ControlAvailable": False})
+    engine = SwarmEngine(api=FakeAPI(client))
+    with pytest.raises(EngineError, match="^no swarm for --engine swarm") as caught:
+        engine._swarm()
+    assert caught.value.exit_code == 3 and str(caught.value) == NO_SWARM
+
+
+def test_engine_option_picks_the_engine():
+    args = build_parser().parse_args(["run", "x.yaml", "--engine", "swarm", "--image", "reg/socklab:1"])
+    engine = open_engine(args.engine, image=args.image)
+    assert isinstance(engine, SwarmEngine) and engine.image == "reg/socklab:1"
+    assert type(open_engine(build_parser().parse_args(["clean"]).engine)).__name__ == "ComposeEngine"
+    assert build_parser().parse_args(["doctor", "--engine", "swarm"]).engine == "swarm"
+
+
+# ------------------------------------------------- what the runner records
+
+@pytest.mark.parametrize("mtu", [1500, 1450])
+def test_the_record_carries_the_lab_devices_mtu(tmp_path, mtu):
+    engine = FakeEngine()
+    engine.mtu = mtu
+    (case,) = cases()
+    record = CaseRunner(engine, RunDir.create(tmp_path, "fake"), lambda text: None).run(case, 0)
+    assert record["status"] == "ok" and record["link"]["mtu"] == mtu
+    assert "nodes" not in record  # the fake's containers, like Compose's, are on no node of their own
