@@ -43,7 +43,6 @@ SERVER_LISTEN_S = 60.0
 COLLECT_WORKERS = 8
 Progress = Callable[[str], None]
 SERVER_LISTENING = "socklab server listening on"
-DEVICE_MTU_PATH = "/sys/class/net/eth0/mtu"  # the lab network's device in every lab container
 
 
 @dataclass
@@ -247,7 +246,6 @@ class CaseRunner:
     def _collect(self, lab: Lab, case: Case, repetition: int, roles: list[RoleHandle],
                  outcome: _Outcome, wall_s: float) -> dict:
         self.progress("collecting results")
-        mtu = self._device_mtu(lab, [r for r in roles if _is_server(r)])
         for role in roles:
             if _is_server(role):
                 try:
@@ -255,8 +253,9 @@ class CaseRunner:
                     role.wait(SERVER_STOP_S)
                 except ContainerGone:
                     pass  # nothing left to stop; the case says why it failed
-        # delay_line: the userspace backend's counters per container (null under netem).
-        link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}}
+        # delay_line: the userspace backend's counters per container (null under netem);
+        # mtu: the lab device's, from the server's link report.
+        link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}, "mtu": None}
         nodes = {}  # which host ran each role, where the engine spans several
         server_result = None
         clients = []
@@ -298,6 +297,9 @@ class CaseRunner:
                 link["applied"].setdefault(group, shown.get("applied"))
                 link["qdisc"][key] = shown.get("qdisc")
                 link["delay_line"][key] = shown.get("delay_line")
+                # The server's device names the link's MTU (the TCP ceiling follows from it).
+                if is_server or link["mtu"] is None:
+                    link["mtu"] = shown.get("mtu")
             if is_server:
                 server_result = by_role.get("server")
                 continue
@@ -305,7 +307,6 @@ class CaseRunner:
             clients.append(records.client_record(group, replica, by_role.get("client"), trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
-        link["mtu"] = mtu
         record = records.case_record(
             case=case, repetition=repetition, status=status, error=error, wall_s=wall_s,
             link=link, server=records.server_record(server_result),
@@ -313,21 +314,6 @@ class CaseRunner:
         if nodes:
             record["nodes"] = nodes
         return record
-
-    @staticmethod
-    def _device_mtu(lab: Lab, servers: list[RoleHandle]) -> int | None:
-        """The MTU of the server's lab device (1500 on a bridge, 1450 on an overlay), asked while it
-        still runs: the TCP ceiling of a link follows from it. None when it cannot be asked."""
-        for server in servers:
-            try:
-                if not lab.running(server.container):
-                    continue
-                code, out = lab.exec(server.container, ["cat", DEVICE_MTU_PATH])
-            except SocklabError:
-                continue  # a server gone is the case's failure to report, not this
-            if code == 0 and out.strip().isdigit():
-                return int(out.strip())
-        return None
 
     @staticmethod
     def _judge(outcome: _Outcome, outcomes: list[RoleOutcome]) -> tuple[str, str | None]:

@@ -31,10 +31,10 @@ def line(role: str, **fields: Any) -> str:
     return json.dumps({RESULT_KEY: RESULT_SCHEMA, "role": role, **fields})
 
 
-def link_line(backend: str = "netem") -> str:
-    """The entrypoint's ``link`` line: the link as applied and its counters."""
+def link_line(backend: str = "netem", mtu: int = 1500) -> str:
+    """The entrypoint's ``link`` line: the link as applied, its counters, its device's MTU."""
     return line("link", backend=backend, applied=LINK_APPLIED,
-                qdisc={"eth0": [{"kind": "tbf", "bytes": 1000}]}, delay_line=None)
+                qdisc={"eth0": [{"kind": "tbf", "bytes": 1000}]}, delay_line=None, mtu=mtu)
 
 
 def failure_line(failed: str, error: str, exit_code: int) -> str:
@@ -83,15 +83,15 @@ class Script:
     vanish_after_s: float | None = None
 
 
-def real_like(container: LabContainer, argv: Sequence[str]) -> Script:
-    """What the real roles do in a case that goes well."""
+def real_like(container: LabContainer, argv: Sequence[str], mtu: int = 1500) -> Script:
+    """What the real roles do in a case that goes well (on a lab device of this MTU)."""
     banner = ["socklab: link eth0: rate 10mbit (backend netem, applied)"]
     if argv[0] == "server":
         return Script(duration_s=None, stderr=banner + ["socklab server listening on 0.0.0.0:5000 mode=x"],
-                      on_stop=[server_line(argv, 1000), link_line()], stop_exit_code=0)
+                      on_stop=[server_line(argv, 1000), link_line(mtu=mtu)], stop_exit_code=0)
     trace = gzip.compress(b'{"mode": "blocking"}\n') if "--trace" in argv else None
-    return Script(duration_s=0.05, stderr=banner, stdout=[client_line(argv), link_line()], trace=trace,
-                  on_stop=[failure_line("client", "the client was killed by SIGTERM", 143), link_line()])
+    return Script(duration_s=0.05, stderr=banner, stdout=[client_line(argv), link_line(mtu=mtu)], trace=trace,
+                  on_stop=[failure_line("client", "the client was killed by SIGTERM", 143), link_line(mtu=mtu)])
 
 
 class FakeRole:
@@ -242,8 +242,6 @@ class FakeLab:
             return (0 if argv[2] in fake.files else 1), ""
         if list(argv[:5]) == ["python3", "-m", "socklab", "shape", "set"]:
             return self.engine.shape_set(container, list(argv[5:]))
-        if list(argv) == ["cat", "/sys/class/net/eth0/mtu"]:
-            return 0, f"{self.engine.mtu}\n"
         return 127, f"fake engine: no such command {argv[0]}"
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
@@ -272,7 +270,6 @@ class FakeEngine:
         self.caps = caps
         self.stored = list(objects)
         self.removed: list[LabObject] = []
-        self.mtu = 1500  # the lab device's, as every container sees it
 
     def shape_set(self, container: LabContainer, words: list[str]) -> tuple[int, str]:
         """What `shape set` answers in a container (overridable)."""

@@ -48,7 +48,7 @@ from socklab.shaping import (
 )
 from socklab.shaping.plan import qdisc_teardown
 from socklab.shaping.runner import prefixed
-from socklab.shaping.show import parse_qdisc_json, parse_qdisc_text
+from socklab.shaping.show import link_mtus, parse_qdisc_json, parse_qdisc_text
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 
@@ -597,10 +597,19 @@ def test_show_combines_the_state_and_the_kernels_counters(tmp_path):
     entry = {"kind": "tbf", "handle": "1:", "parent": "root", "options": {"rate": 1250000, "burst": 15140, "lat": 8478},
              "bytes": 3000, "packets": 2, "drops": 1, "overlimits": 5, "backlog": 1514, "qlen": 1}
     assert shown == {"backend": "netem", "applied": {"up": {"rate_bps": 10_000_000}, "down": {"rate_bps": 10_000_000}},
-                     "qdisc": {"eth0": [entry], "ifb0": [entry]}, "delay_line": None}
+                     "qdisc": {"eth0": [entry], "ifb0": [entry]}, "delay_line": None, "mtu": 1500}
     nothing = show_link(FakeKernel(), state_path=tmp_path / "none.json")
     assert nothing == {"backend": "none", "applied": {"up": {}, "down": {}}, "qdisc": {"eth0": [], "ifb0": []},
-                       "delay_line": None}
+                       "delay_line": None, "mtu": 1500}
+
+
+def test_device_mtus_are_read_from_ip_link_as_the_kernel_prints_it():
+    printed = ("1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default "
+               "qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n"
+               "24: eth0@if25: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1450 qdisc tbf state UP mode DEFAULT group "
+               "default \\    link/ether 02:42:0a:00:01:05 brd ff:ff:ff:ff:ff:ff link-netnsid 0\n"
+               "3: ifb0: <BROADCAST,NOARP,UP,LOWER_UP> mtu 1500 qdisc tbf state UNKNOWN\n")
+    assert link_mtus(lambda argv: printed) == {"lo": 65536, "eth0": 1450, "ifb0": 1500}
 
 
 def test_qdisc_text_is_parsed_when_tc_has_no_json():

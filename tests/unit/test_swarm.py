@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.errors import EngineError
 
-from .fake_engine import FakeEngine
+from .fake_engine import FakeEngine, real_like
 from .test_runner import cases
 
 OWNER = {"io.socklab.owner.host": "h", "io.socklab.owner.pid": "1"}
@@ -274,8 +275,7 @@ def test_engine_option_picks_the_engine():
 
 @pytest.mark.parametrize("mtu", [1500, 1450])
 def test_the_record_carries_the_lab_devices_mtu(tmp_path, mtu):
-    engine = FakeEngine()
-    engine.mtu = mtu
+    engine = FakeEngine(functools.partial(real_like, mtu=mtu))
     (case,) = cases()
     record = CaseRunner(engine, RunDir.create(tmp_path, "fake"), lambda text: None).run(case, 0)
     assert record["status"] == "ok" and record["link"]["mtu"] == mtu

@@ -36,7 +36,7 @@ from .plan import (
     qdisc_teardown,
 )
 from .runner import Runner, ShapingError, run
-from .show import link_names, qdisc_stats
+from .show import link_mtus, qdisc_stats
 
 DEFAULT_DEV = "eth0"
 DEFAULT_IFB = "ifb0"
@@ -123,7 +123,7 @@ def teardown(runner: Runner, dev: str, ifb: str) -> None:
             left.append(f"the {qdisc['kind']} qdisc at the root of {dev}")
         if qdisc["kind"] == "ingress":
             left.append(f"the ingress qdisc of {dev}")
-    if ifb in link_names(runner):
+    if ifb in link_mtus(runner):
         left.append(f"the device {ifb}")
     left += [f"the iptables chain {chain}" for chain in _delay_line_chains(runner)]
     if left:
@@ -299,19 +299,21 @@ def show_link(
     state_path: Path | str = DEFAULT_STATE_PATH,
     delay_line: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """{"backend", "applied": {"up", "down"}, "qdisc": {dev: [...], ifb: [...]}, "delay_line"}.
+    """{"backend", "applied": {"up", "down"}, "qdisc": {dev: [...], ifb: [...]}, "delay_line", "mtu"}.
 
     ``applied`` is what the last apply/set asked for (from the state file);
     ``qdisc`` is what the kernel has now, with counters. ``delay_line`` is null
     unless the userspace backend runs one: then its counters per direction
     (``delay_line`` given: those, e.g. the final ones ``stop_delay_line`` returned),
-    or {"running": false, "error": ...} when it cannot be reached.
+    or {"running": false, "error": ...} when it cannot be reached. ``mtu`` is the device's
+    (1500 on a bridge, 1450 on an overlay): a link's TCP ceiling follows from it.
     """
     state = read_state(Path(state_path)) or {}
     dev = _check_ifname(dev or state.get("dev") or DEFAULT_DEV, "device")
     ifb = _check_ifname(ifb or state.get("ifb") or DEFAULT_IFB, "ifb device")
     qdiscs = {dev: qdisc_stats(runner, dev)}
-    qdiscs[ifb] = qdisc_stats(runner, ifb) if ifb in link_names(runner) else []
+    devices = link_mtus(runner)
+    qdiscs[ifb] = qdisc_stats(runner, ifb) if ifb in devices else []
     if delay_line is None and _runs_delay_line(state):
         delay_line = _delay_line_stats(runner)
     return {
@@ -319,6 +321,7 @@ def show_link(
         "applied": LinkSpec.from_dict(state.get("applied") or {}).to_dict(),
         "qdisc": qdiscs,
         "delay_line": dict(delay_line) if delay_line is not None else None,
+        "mtu": devices.get(dev),
     }
 
 

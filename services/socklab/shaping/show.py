@@ -77,11 +77,18 @@ def parse_qdisc_text(text: str) -> list[dict[str, Any]]:
     return entries
 
 
-def link_names(runner: Runner) -> set[str]:
-    """Names of the network devices in this namespace (veth peers without '@ifN')."""
-    names = set()
+def link_mtus(runner: Runner) -> dict[str, int | None]:
+    """The network devices in this namespace (veth peers without '@ifN') and their MTUs."""
+    mtus: dict[str, int | None] = {}
     for line in runner(["ip", "-o", "link", "show"]).splitlines():
         parts = line.split(": ", 2)
         if len(parts) >= 2:
-            names.add(parts[1].split("@", 1)[0])
-    return names
+            words = parts[2].split() if len(parts) == 3 else []
+            mtu = words[words.index("mtu") + 1] if "mtu" in words[:-1] else ""
+            mtus[parts[1].split("@", 1)[0]] = int(mtu) if mtu.isdigit() else None
+    return mtus
+
+
+def link_names(runner: Runner) -> set[str]:
+    """Names of the network devices in this namespace (veth peers without '@ifN')."""
+    return set(link_mtus(runner))
