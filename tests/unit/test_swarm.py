@@ -45,7 +45,7 @@ def resolved_case() -> dict:
 
 def build(**kwargs) -> dict:
     labels = {LAB_LABEL: "true", **OWNER}
-    return stack_file(resolved_case(), ["server", "client-sender"], image="registry.example/socklab:1",
+    return stack_file(resolved_case(), ["server", "client-sender"], image="socklab:pinned",
                       labels=labels, **kwargs)
 
 
@@ -53,7 +53,7 @@ def test_the_stack_holds_the_cases_services_only_with_the_fixed_image():
     stack = build()
     assert stack["version"] == "3.8"
     assert list(stack["services"]) == ["server", "client-sender"]
-    assert {s["image"] for s in stack["services"].values()} == {"registry.example/socklab:1"}
+    assert {s["image"] for s in stack["services"].values()} == {"socklab:pinned"}
 
 
 def test_each_service_is_a_one_shot_task_addressed_by_dns_on_the_cases_overlay():
