@@ -140,8 +140,10 @@ class DockerAPI:
         """The container's exit status, or None if it is still running after ``timeout_s``."""
         try:
             return int(self._client.containers.get(container.id).wait(timeout=timeout_s)["StatusCode"])
-        except requests.exceptions.ConnectionError:
-            return None  # the SDK signals a wait timeout as a read timeout
+        except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
+            # The SDK signals a wait timeout as a read timeout: wrapped in a ConnectionError,
+            # or bare when the engine answers slowly (seen under QEMU emulation).
+            return None
         except docker.errors.NotFound:
             return None
         except docker.errors.DockerException as exc:

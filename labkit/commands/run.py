@@ -27,7 +27,11 @@ INTERRUPTED_EXIT = 130  # the shell's convention for SIGINT
 
 
 def _git_revision() -> str | None:
-    done = proc.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], check=False, timeout_s=10)
+    """The checkout's revision (``+dirty`` with local changes); None outside git or without it."""
+    try:
+        done = proc.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], check=False, timeout_s=10)
+    except proc.CommandError:
+        return None  # git is not installed: the revision is unknown, which meta.json can say
     if done.returncode != 0:
         return None
     dirty = proc.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"], check=False, timeout_s=10)

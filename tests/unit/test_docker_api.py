@@ -80,3 +80,20 @@ def test_the_labs_objects_are_listed_with_their_labels_and_removed_one_by_one():
         ("containers", "p-server-1", lab), ("networks", "p_lab", lab), ("volumes", "p_results", lab)]
     assert [api.remove_object(o) for o in objects] == [True, True, False]
     assert removed == [("p-server-1", {"force": True, "v": True}), ("p_lab", {})]
+
+
+def test_a_wait_that_outlasts_a_slow_engines_read_timeout_means_still_running():
+    import requests.exceptions
+
+    class Slow:
+        def wait(self, timeout):
+            raise requests.exceptions.ReadTimeout("read timed out")
+
+    class Client:
+        class containers:
+            @staticmethod
+            def get(_id):
+                return Slow()
+
+    running = LabContainer("x", "p-server-1", "server", 1)
+    assert DockerAPI(Client()).wait(running, 0.2) is None

@@ -205,3 +205,14 @@ def test_commands_run_in_a_session_of_their_own_so_a_terminal_ctrl_c_reaches_lab
 
     done = proc.run(["sh", "-c", "cut -d' ' -f6 /proc/$$/stat"])
     assert int(done.stdout) != os.getsid(0)
+
+
+def test_a_run_without_git_records_no_revision_rather_than_failing(monkeypatch):
+    from labkit import proc
+    from labkit.commands import run
+
+    def no_git(argv, **kwargs):
+        raise proc.CommandError(argv, None, "", "No such file or directory: 'git'")
+
+    monkeypatch.setattr(proc, "run", no_git)
+    assert run._git_revision() is None
