@@ -3,7 +3,7 @@
 # of inputs: Debian's stock kernel (linux-image-amd64) with a tiny initramfs,
 # docker.io with Compose v2 (trixie's .deb, as .ci/prepare-host.sh installs it),
 # python3 with the orchestrator's requirements, iproute2, iptables, iperf3, and
-# the lab's base image preloaded into the guest's Docker.
+# the lab's base image preloaded into the guest's Docker, and git (lab.py records the revision).
 #
 #   tests/vm/build-image.sh            prints the image directory (vmlinuz, initrd.img, disk.raw)
 #
@@ -49,7 +49,7 @@ started=$(date +%s)
 
 log "debootstrap bookworm (kernel, docker.io, python3, network tools)"
 debootstrap --variant=minbase \
-    --include=linux-image-amd64,docker.io,python3,iproute2,iptables,iperf3,iputils-ping,procps,kmod,busybox-static,cpio,ca-certificates \
+    --include=linux-image-amd64,docker.io,python3,git,iproute2,iptables,iperf3,iputils-ping,procps,kmod,busybox-static,cpio,ca-certificates \
     bookworm "$rootfs" "$(debian_mirror)" >"$work/debootstrap.log" 2>&1 \
     || { tail -n 30 "$work/debootstrap.log" >&2; exit 3; }
 

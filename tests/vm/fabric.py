@@ -157,7 +157,11 @@ class AgentClient:
 
     def request(self, message: dict, timeout_s: float) -> dict:
         """Send ``message``, wait for its reply; FabricError on timeout or an agent error."""
-        request_id = self._send(message)
+        try:
+            request_id = self._send(message)
+        except OSError as exc:
+            self.close()
+            raise FabricError(f"cannot reach the agent on {self.socket_path} ({exc}); did the VM stop?") from None
         reply = self._reply(request_id, time.monotonic() + timeout_s)
         if reply is None:
             # The reply may still come; a new connection starts clean.

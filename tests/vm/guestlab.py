@@ -11,6 +11,7 @@ import io
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import tarfile
 from pathlib import Path
@@ -45,6 +46,7 @@ def in_tree(vm: Vm, argv: list[str], timeout_s: float = 600, env: dict | None = 
     return vm.exec(argv, cwd=GUEST_TREE, timeout_s=timeout_s, env={"BASE_IMAGE": BASE_IMAGE, **(env or {})})
 
 
+SHOW_MARK = "--- socklab shape show ---"
 SERVER_ARGS = ["server", "--mode", "threaded", "--port", "5000", "--max-connections", "1000"]
 
 
@@ -56,35 +58,77 @@ def link_flags(link: dict[str, str], backend: str = "netem") -> list[str]:
 
 
 class GuestProject:
-    """One Compose project in the VM with an unshaped server; removed by :meth:`down`."""
+    """One Compose project in the VM: an unshaped server and one kept client container.
+
+    Under TCG a `docker compose run` costs tens of seconds, so the measurements
+    share one client container: each applies its link from scratch with
+    `socklab shape apply` (new qdiscs, counters from zero) and runs the lab's
+    client in it by `docker exec`, as the orchestrator's --reuse does.
+    """
 
     def __init__(self, vm: Vm, *server_args: str):
         self.vm = vm
         self.name = f"socklab-vm-{secrets.token_hex(3)}"
         self.override = f"/tmp/{self.name}.json"
+        self.client_container = f"{self.name}-client"
         vm.put(self.override, json.dumps({"services": {"server": {"command": [*SERVER_ARGS, *server_args]}}})
                .encode())
         self.compose("up", "-d", "--wait", "server", env={"SERVER_LINK_RATE": ""})
+        self.compose("run", "-d", "--use-aliases", "--name", self.client_container, *link_flags({}),
+                     "client", "exec", "sleep", "3600")
 
     def compose(self, *args: str, timeout_s: float = 300, env: dict | None = None, check: bool = True):
         done = in_tree(self.vm, ["docker", "compose", "-p", self.name, "-f", f"{GUEST_TREE}/compose.yaml",
                                  "-f", self.override, *args], timeout_s=timeout_s, env=env)
         return done.check() if check else done
 
-    def client(self, link: dict[str, str], *args: str, backend: str = "netem",
-               timeout_s: float = 300) -> dict[str, dict]:
-        """Run one client with ``link``; its results by role (client, link)."""
-        done = self.compose("run", "--rm", "--use-aliases", *link_flags(link, backend), "client",
-                            "client", "--host", "server", "--port", "5000", *args, timeout_s=timeout_s)
-        results = {r["role"]: r for r in find_results(done.stdout)}
-        if not {"client", "link"} <= set(results):
-            raise FabricError(f"the client printed no client and link results:\n{done.stdout}\n{done.stderr}")
-        assert results["client"]["errors"] == [], results["client"]
-        return results
+    def shape(self, *argv: str) -> str:
+        """`socklab shape ARGV` in the client container, as root (it has NET_ADMIN only)."""
+        return self.vm.exec(["docker", "exec", self.client_container, "python3", "-m", "socklab", "shape",
+                             *argv], timeout_s=120).check().stdout
+
+    def link(self) -> dict:
+        """The client container's link as applied, with the kernel's qdisc counters."""
+        return json.loads(self.shape("show", "--json"))
+
+    def run_client(self, *args: str, timeout_s: float = 300) -> dict:
+        """The lab's client (unprivileged) against the server, on the link as it is now; its result."""
+        done = self.vm.exec(["docker", "exec", "-u", "socklab", self.client_container, "python3", "-m", "socklab",
+                             "client", "--host", "server", "--port", "5000", *args], timeout_s=timeout_s).check()
+        found = [r for r in find_results(done.stdout) if r.get("role") == "client"]
+        if len(found) != 1:
+            raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
+        assert found[0]["errors"] == [], found[0]
+        return found[0]
+
+    def client(self, link: list[str], *args: str) -> dict[str, dict]:
+        """Apply ``link`` (shape words: delay=20ms, up.rate=5mbit, ...) on netem, run one client.
+
+        Its results by role: client, and link (applied, qdiscs with counters)
+        read right after it. One `docker exec` for all three steps: each exec
+        costs seconds under TCG. The client runs unprivileged, as in the lab.
+        """
+        apply = shlex.join(["python3", "-m", "socklab", "shape", "apply", *(["backend=netem", *link] if link else [])])
+        client = shlex.join(["setpriv", "--reuid=socklab", "--regid=socklab", "--clear-groups", "python3", "-m",
+                             "socklab", "client", "--host", "server", "--port", "5000", *args])
+        script = f"{apply} >&2 && {client} && echo {SHOW_MARK} && python3 -m socklab shape show --json"
+        done = self.vm.exec(["docker", "exec", self.client_container, "sh", "-c", script], timeout_s=300).check()
+        if link and "backend netem" not in done.stderr:
+            raise FabricError(f"the link was not applied on netem: {done.stderr}")
+        ran, _, shown = done.stdout.partition(SHOW_MARK)
+        found = [r for r in find_results(ran) if r.get("role") == "client"]
+        if len(found) != 1:
+            raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
+        assert found[0]["errors"] == [], found[0]
+        return {"client": found[0], "link": json.loads(shown)}
 
     def down(self) -> None:
-        self.compose("down", "-v", "--remove-orphans", "--timeout", "2", timeout_s=120, check=False)
-        self.vm.exec(["rm", "-f", self.override])
+        """Remove the project (tolerating a VM that is already gone)."""
+        try:
+            self.compose("down", "-v", "--remove-orphans", "--timeout", "2", timeout_s=120, check=False)
+            self.vm.exec(["rm", "-f", self.override])
+        except FabricError:
+            pass
 
 
 def netem_qdiscs(link_result: dict) -> dict[str, dict]:

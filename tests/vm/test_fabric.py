@@ -71,13 +71,15 @@ time.sleep(600)
 
 def test_ctrl_c_stops_every_process_the_fabric_started(vm_image, tmp_path):
     script = CTRL_C_SCRIPT.format(root=str(ROOT), image=str(vm_image.directory), workdir=str(tmp_path))
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in parent.stdout.readline().split()]
         assert len(pids) == 2, "the switch and one QEMU"
         assert "qemu-system" in Path(f"/proc/{pids[1]}/cmdline").read_text()
         parent.send_signal(signal.SIGINT)
         parent.wait(60)
+        assert "KeyboardInterrupt" in parent.stderr.read(), "Ctrl-C ended it as Ctrl-C does"
     finally:
         if parent.poll() is None:
             parent.kill()
