@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from socklab.entry import FLUSH_TCP_METRICS
 from socklab.results import find_results
 
 from .fabric import FabricError, GuestResult, Vm
@@ -111,7 +112,10 @@ class GuestProject:
         apply = shlex.join(["python3", "-m", "socklab", "shape", "apply", *(["backend=netem", *link] if link else [])])
         client = shlex.join(["setpriv", "--reuid=socklab", "--regid=socklab", "--clear-groups", "python3", "-m",
                              "socklab", "client", "--host", "server", "--port", "5000", *args])
-        script = f"{apply} >&2 && {client} && echo {SHOW_MARK} && python3 -m socklab shape show --json"
+        # The kernel remembers ssthresh and RTT per peer: a kept container forgets them first,
+        # as the lab's --reuse does (FLUSH_TCP_METRICS), or one loss test slows the next bulk.
+        flush = shlex.join(FLUSH_TCP_METRICS)
+        script = f"{flush} && {apply} >&2 && {client} && echo {SHOW_MARK} && python3 -m socklab shape show --json"
         done = self.vm.exec(["docker", "exec", self.client_container, "sh", "-c", script], timeout_s=300).check()
         if link and "backend netem" not in done.stderr:
             raise FabricError(f"the link was not applied on netem: {done.stderr}")

@@ -9,11 +9,21 @@ Measured in the one full run they had (2026-12-04, the host shared with other jo
 - loss: qdisc `packets` counts GSO segments while `drops` counts whole GSO skbs (1 of 2821 at
   1 %, 47 of 2845 at 5 %): the binomial check needs one packet per skb, e.g. an echo
   workload of small requests instead of a bulk.
-- rate + delay: 0.617 of the ceiling, and the "unshaped" bulk only 5.4 Mbit/s: `shape apply`
-  with no assignments apparently kept the previous 5 % loss link; check before trusting.
-- seed-demo via `lab.py run` (netem and auto) failed for a reason not yet read; the first
-  cause found and fixed was the VM lacking git (lab.py's _git_revision raises when git is
-  missing: a labkit bug, now worked around by git in the image).
+- rate + delay: 0.617 of the ceiling, the "unshaped" bulk only 5.4 Mbit/s, and up 5mbit at
+  0.218 of its ceiling: all right after the loss tests in the same kept client container,
+  whose kernel remembered the lossy path's ssthresh. GuestProject.client now flushes the TCP
+  metrics first (as --reuse does); not yet run since.
+- limit 8 behind 50 ms up: netem dropped 30 of 2800 packets (counted), tcp.retrans 0.
+- link set (10 -> 30 ms on the kept client) and the schedule step: failed; the schedule's
+  case "failed" after 122 s at `docker compose up -d` of its case project (slow under TCG).
+- seed-demo via `lab.py run`: with backend netem, labkit's runner crashed on
+  requests.ReadTimeout (read timeout=0.2) from docker_api.wait, which under TCG's slow engine
+  raises instead of meaning "still running" (a labkit fix: treat that timeout as not yet
+  exited). With auto (netem picked), the run completed, but "a blocking send() lasts about as
+  long as the link needs" did not hold (send_s 1.455 s for 20 MB). Before that, lab.py could
+  not run at all without git (_git_revision raises when git is missing): git is in the image.
+- Durations of that run (host shared, load ~4): tier 30 min; demo 201 s, RTT test 196 s,
+  seed-demo 104-149 s each, schedule 266 s; boot 24 s + dockerd 25 s + lab image 39 s.
 """
 
 from __future__ import annotations
