@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Prepare a bare Debian host (the CI host) to run the lab: a Docker engine,
-# Compose v2 and a local base image, since no registry is reachable there.
+# Compose v2 and a local base image, since no registry is reachable there, and
+# QEMU with the tools that build the VM tier's image.
 # Idempotent: each step is skipped when what it makes is already present.
 # Mirrors are read from this machine's own apt configuration, never hard-coded.
 set -euo pipefail
 
 BASE_IMAGE="${BASE_IMAGE:-socklab-base:bookworm}"
 STATE_DIR="${SOCKLAB_HOST_STATE:-/var/lib/socklab-host}"
+# shellcheck source=.ci/apt-lib.sh
+. "$(dirname "$0")/apt-lib.sh"
 log() { printf '[prepare-host] %s\n' "$*" >&2; }
 
 apt_updated=0
@@ -16,21 +19,6 @@ apt_install() {
         apt_updated=1
     fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
-# The first Debian mirror URI this machine's apt uses (deb822 or one-line format).
-debian_mirror() {
-    local uri=""
-    if compgen -G '/etc/apt/sources.list.d/*.sources' >/dev/null; then
-        uri=$(awk '/^URIs:/ {for (i = 2; i <= NF; i++) if ($i !~ /security/) {print $i; exit}}' \
-              /etc/apt/sources.list.d/*.sources | head -n1)
-    fi
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1 == "deb" && $0 !~ /security/ {for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) {print $i; exit}}' \
-              /etc/apt/sources.list | head -n1)
-    fi
-    [ -n "$uri" ] || { log "no Debian mirror found in the apt configuration"; exit 3; }
-    printf '%s\n' "${uri%/}"
 }
 
 ensure_engine() {
@@ -54,27 +42,13 @@ ensure_engine() {
     exit 3
 }
 
-# Debian bookworm only packages Compose v1; trixie's docker-compose is v2 and needs
-# nothing newer than bookworm's libc. Use a private apt state so the system's
-# sources stay untouched.
 ensure_compose_v2() {
     if docker compose version >/dev/null 2>&1; then
         log "Compose v2: $(docker compose version --short 2>/dev/null)"
         return
     fi
-    local dir="$STATE_DIR/apt-trixie" mirror
-    mirror=$(debian_mirror)
-    mkdir -p "$dir/lists/partial" "$dir/archives/partial" "$dir/sources.list.d"
-    printf 'deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] %s trixie main\n' \
-        "$mirror" >"$dir/sources.list"
-    local opts=(-o "Dir::Etc::SourceList=$dir/sources.list"
-                -o "Dir::Etc::SourceParts=$dir/sources.list.d"
-                -o "Dir::State::Lists=$dir/lists"
-                -o "Dir::Cache::Archives=$dir/archives")
     log "fetching Compose v2 from trixie"
-    apt-get "${opts[@]}" update -qq
-    (cd "$dir" && rm -f docker-compose_*.deb && apt-get "${opts[@]}" download docker-compose -qq)
-    dpkg -i "$dir"/docker-compose_*.deb >/dev/null
+    dpkg -i "$(compose_v2_deb "$STATE_DIR/apt-trixie")" >/dev/null
     docker compose version >/dev/null 2>&1 || { log "docker compose still missing after install"; exit 3; }
     log "Compose v2: $(docker compose version --short)"
 }
@@ -99,6 +73,23 @@ ensure_base_image() {
     log "base image $BASE_IMAGE imported"
 }
 
+# The VM test tier (tests/vm) boots Debian's stock kernel, which has netem, under
+# QEMU; it builds its disk image (tests/vm/build-image.sh, cached under
+# $STATE_DIR/vm) with debootstrap and mkfs.ext4 -d. The kernel and everything
+# else inside the VMs come from Debian packages at image build time.
+ensure_vm_tools() {
+    local missing=() pair
+    for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils debootstrap:debootstrap mkfs.ext4:e2fsprogs; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+    done
+    if [ "${#missing[@]}" -eq 0 ]; then
+        log "VM tools present"
+        return
+    fi
+    log "installing ${missing[*]} for the VM tier"
+    apt_install "${missing[@]}"
+}
+
 ensure_python_venv() {
     python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 }
@@ -106,4 +97,5 @@ ensure_python_venv() {
 ensure_engine
 ensure_compose_v2
 ensure_base_image
+ensure_vm_tools
 ensure_python_venv

@@ -14,7 +14,7 @@ for path in (ROOT / "services", ROOT):
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Tests that need the real engine or root may skip on a laptop without them, but
 # in CI such a skip would hide that nothing was tested: it counts as a failure.
-_MUST_RUN_IN_CI = ("docker", "netns")
+_MUST_RUN_IN_CI = ("docker", "netns", "vm")
 
 
 @pytest.hookimpl(hookwrapper=True)

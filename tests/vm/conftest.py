@@ -1,0 +1,88 @@
+"""Fixtures of the VM tier: the image, one fabric of VMs per session, the lab inside one.
+
+Each VM boots once per session (TCG boots take tens of seconds). The fabric is
+closed by a finaliser — also when a test fails or the run is interrupted — and
+the fabric itself ends its processes by PID at exit or on a signal.
+
+Where the orchestrator runs: *inside* the lab VM. The VM's Docker engine is
+reachable only through the agent (the VMs' network has no route to the host, by
+design), and the lab's own behaviour there — `auto` probing the kernel it runs
+on, `lab.py doctor`, Compose building from the working tree — is exactly what a
+user on a netem kernel gets when they run lab.py next to their engine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from .fabric import Fabric, Vm, build_image
+from .guestlab import BASE_IMAGE, GUEST_TREE, working_tree_tar
+
+# Every timing of the tier's set-up, printed at the end of the session (pytest -s or -rA).
+TIMINGS: dict[str, float] = {}
+
+
+def _problem() -> str | None:
+    if os.geteuid() != 0:
+        return "the VM tier needs root (debootstrap, mkfs.ext4 -d of a root filesystem)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "docker"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing: run .ci/prepare-host.sh"
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
+        return f"the base image {BASE_IMAGE} is missing: run .ci/prepare-host.sh"
+    return None
+
+
+@pytest.fixture(scope="session")
+def vm_image():
+    """The VM image, built once per set of inputs and cached on the host."""
+    problem = _problem()
+    if problem:
+        pytest.skip(problem)
+    started = time.monotonic()
+    image = build_image(env={"BASE_IMAGE": BASE_IMAGE})
+    TIMINGS["image (build or cache hit)"] = time.monotonic() - started
+    return image
+
+
+@pytest.fixture(scope="session")
+def fabric(vm_image, tmp_path_factory):
+    """Two VMs on one switch: vm0 (1 GiB) runs the lab, vm1 (512 MiB) is its peer on the network."""
+    vms = Fabric(vm_image, tmp_path_factory.mktemp("vm-fabric"), count=2, memory_mib=[1024, 512])
+    try:
+        TIMINGS["boot to agents answering (2 VMs)"] = vms.start()
+        started = time.monotonic()
+        vms.wait_docker()
+        TIMINGS["dockerd ready after that"] = time.monotonic() - started
+    except BaseException:
+        vms.close()
+        raise
+    yield vms
+    vms.close()
+
+
+@pytest.fixture(scope="session")
+def lab_vm(fabric) -> Vm:
+    """vm0 with the working tree at GUEST_TREE and the lab image built there."""
+    vm = fabric.vms[0]
+    started = time.monotonic()
+    vm.put("/root/socklab.tar.gz", working_tree_tar())
+    vm.sh(f"rm -rf {GUEST_TREE} && mkdir -p {GUEST_TREE} && tar -xzf /root/socklab.tar.gz -C {GUEST_TREE}")
+    TIMINGS["working tree into the VM"] = time.monotonic() - started
+    started = time.monotonic()
+    vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
+    TIMINGS["lab image built in the VM"] = time.monotonic() - started
+    return vm
+
+
+def pytest_terminal_summary(terminalreporter):
+    if TIMINGS:
+        terminalreporter.write_sep("-", "VM tier timings")
+        for what, seconds in TIMINGS.items():
+            terminalreporter.write_line(f"{what}: {seconds:.1f} s")
+

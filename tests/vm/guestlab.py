@@ -1,0 +1,145 @@
+"""The lab's Compose project inside a VM, driven through the agent (for the netem tests).
+
+The same moves as tests/lab/test_userspace_link.py makes on the host — an
+unshaped server, a client run with its link given as SOCKLAB_LINK_* — but every
+command runs in the VM, next to its engine and its netem kernel.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import shlex
+import subprocess
+import tarfile
+from pathlib import Path
+
+from socklab.entry import FLUSH_TCP_METRICS
+from socklab.results import find_results
+
+from .fabric import FabricError, GuestResult, Vm
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_TREE = "/root/socklab"
+BASE_IMAGE = os.environ.get("BASE_IMAGE", "socklab-base:bookworm")
+
+
+# What the lab needs to build and run: the tests, docs and recorded results stay on the host.
+LAB_PATHS = ("lab.py", "compose.yaml", "requirements.txt", "labkit/", "services/", "configs/")
+
+
+def working_tree_tar() -> bytes:
+    """The lab's files of the working tree as git sees them (tracked and untracked, not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True).stdout
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=1) as tar:
+        for name in sorted(set(listed.decode().split("\0")) - {""}):
+            if name.startswith(LAB_PATHS) and (ROOT / name).is_file():
+                tar.add(ROOT / name, arcname=name, recursive=False)
+    return buffer.getvalue()
+
+
+def in_tree(vm: Vm, argv: list[str], timeout_s: float = 600, env: dict | None = None) -> GuestResult:
+    """Run ``argv`` in the VM's copy of the working tree (the lab's environment set)."""
+    return vm.exec(argv, cwd=GUEST_TREE, timeout_s=timeout_s, env={"BASE_IMAGE": BASE_IMAGE, **(env or {})})
+
+
+SHOW_MARK = "--- socklab shape show ---"
+SERVER_ARGS = ["server", "--mode", "threaded", "--port", "5000", "--max-connections", "1000"]
+
+
+def link_flags(link: dict[str, str], backend: str = "netem") -> list[str]:
+    """`docker compose run -e` flags for a client link (rate unset unless given)."""
+    env = {"SOCKLAB_LINK_RATE": "", "SOCKLAB_LINK_BACKEND": backend, "SOCKLAB_REPORT_LINK": "1",
+           **{f"SOCKLAB_LINK_{k.upper()}": v for k, v in link.items()}}
+    return [flag for key, value in env.items() for flag in ("-e", f"{key}={value}")]
+
+
+class GuestProject:
+    """One Compose project in the VM: an unshaped server and one kept client container.
+
+    Under TCG a `docker compose run` costs tens of seconds, so the measurements
+    share one client container: each applies its link from scratch with
+    `socklab shape apply` (new qdiscs, counters from zero) and runs the lab's
+    client in it by `docker exec`, as the orchestrator's --reuse does.
+    """
+
+    def __init__(self, vm: Vm, *server_args: str):
+        self.vm = vm
+        self.name = f"socklab-vm-{secrets.token_hex(3)}"
+        self.override = f"/tmp/{self.name}.json"
+        self.client_container = f"{self.name}-client"
+        vm.put(self.override, json.dumps({"services": {"server": {"command": [*SERVER_ARGS, *server_args]}}})
+               .encode())
+        self.compose("up", "-d", "--wait", "server", env={"SERVER_LINK_RATE": ""})
+        self.compose("run", "-d", "--use-aliases", "--name", self.client_container, *link_flags({}),
+                     "client", "exec", "sleep", "3600")
+
+    def compose(self, *args: str, timeout_s: float = 300, env: dict | None = None, check: bool = True):
+        done = in_tree(self.vm, ["docker", "compose", "-p", self.name, "-f", f"{GUEST_TREE}/compose.yaml",
+                                 "-f", self.override, *args], timeout_s=timeout_s, env=env)
+        return done.check() if check else done
+
+    def shape(self, *argv: str) -> str:
+        """`socklab shape ARGV` in the client container, as root (it has NET_ADMIN only)."""
+        return self.vm.exec(["docker", "exec", self.client_container, "python3", "-m", "socklab", "shape",
+                             *argv], timeout_s=120).check().stdout
+
+    def link(self) -> dict:
+        """The client container's link as applied, with the kernel's qdisc counters."""
+        return json.loads(self.shape("show", "--json"))
+
+    def run_client(self, *args: str, timeout_s: float = 300) -> dict:
+        """The lab's client (unprivileged) against the server, on the link as it is now; its result."""
+        done = self.vm.exec(["docker", "exec", "-u", "socklab", self.client_container, "python3", "-m", "socklab",
+                             "client", "--host", "server", "--port", "5000", *args], timeout_s=timeout_s).check()
+        found = [r for r in find_results(done.stdout) if r.get("role") == "client"]
+        if len(found) != 1:
+            raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
+        assert found[0]["errors"] == [], found[0]
+        return found[0]
+
+    def client(self, link: list[str], *args: str) -> dict[str, dict]:
+        """Apply ``link`` (shape words: delay=20ms, up.rate=5mbit, ...) on netem, run one client.
+
+        Its results by role: client, and link (applied, qdiscs with counters)
+        read right after it. One `docker exec` for all three steps: each exec
+        costs seconds under TCG. The client runs unprivileged, as in the lab.
+        """
+        apply = shlex.join(["python3", "-m", "socklab", "shape", "apply", *(["backend=netem", *link] if link else [])])
+        client = shlex.join(["setpriv", "--reuid=socklab", "--regid=socklab", "--clear-groups", "python3", "-m",
+                             "socklab", "client", "--host", "server", "--port", "5000", *args])
+        # The kernel remembers ssthresh and RTT per peer: a kept container forgets them first,
+        # as the lab's --reuse does (FLUSH_TCP_METRICS), or one loss test slows the next bulk.
+        flush = shlex.join(FLUSH_TCP_METRICS)
+        script = f"{flush} && {apply} >&2 && {client} && echo {SHOW_MARK} && python3 -m socklab shape show --json"
+        done = self.vm.exec(["docker", "exec", self.client_container, "sh", "-c", script], timeout_s=300).check()
+        if link and "backend netem" not in done.stderr:
+            raise FabricError(f"the link was not applied on netem: {done.stderr}")
+        ran, _, shown = done.stdout.partition(SHOW_MARK)
+        found = [r for r in find_results(ran) if r.get("role") == "client"]
+        if len(found) != 1:
+            raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
+        assert found[0]["errors"] == [], found[0]
+        return {"client": found[0], "link": json.loads(shown)}
+
+    def down(self) -> None:
+        """Remove the project (tolerating a VM that is already gone)."""
+        try:
+            self.compose("down", "-v", "--remove-orphans", "--timeout", "2", timeout_s=120, check=False)
+            self.vm.exec(["rm", "-f", self.override])
+        except FabricError:
+            pass
+
+
+def netem_qdiscs(link_result: dict) -> dict[str, dict]:
+    """The link's netem qdiscs by direction: 'up' on eth0, 'down' on the ifb device."""
+    found = {}
+    for dev, qdiscs in link_result["qdisc"].items():
+        for qdisc in qdiscs:
+            if qdisc["kind"] == "netem":
+                found["up" if dev == "eth0" else "down"] = qdisc
+    return found
