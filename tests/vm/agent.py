@@ -138,8 +138,14 @@ def serve_fd(fd: int, stop_on_eof: bool = False) -> None:
                 continue
             reply = encode({"id": request["id"], **serve_one(request)})
             view = memoryview(reply)
-            while view:
-                view = view[os.write(fd, view):]
+            try:
+                while view:
+                    view = view[os.write(fd, view):]
+            except (BrokenPipeError, ConnectionResetError):
+                # The asker left before its reply: nobody is owed it. A port
+                # keeps serving the next host that opens it; a socket is done.
+                if stop_on_eof:
+                    return
 
 
 if __name__ == "__main__":
