@@ -58,7 +58,8 @@ def test_the_compose_demo_tells_the_tutorials_facts_on_netem(lab_vm):
     assert blocking["bytes_requested"] == blocking["bytes_accepted"] == blocking["bytes_delivered"] == PAYLOAD
     assert blocking["send_s"] > 5 * nonblocking["send_s"]
     assert nonblocking["send_calls"] == 1 and 0 < nonblocking["bytes_accepted"] < PAYLOAD
-    assert nonblocking["send_s"] < 0.05
+    # "At once" under an emulated CPU: one send() of ~80 KB measured 0.04 s here.
+    assert nonblocking["send_s"] < 0.25
     assert nonblocking["bytes_delivered"] == nonblocking["bytes_accepted"]
     received = sorted(c["bytes_received"] for c in server["per_connection"])
     assert received == sorted([PAYLOAD, nonblocking["bytes_accepted"]])
