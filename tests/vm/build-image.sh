@@ -45,14 +45,15 @@ work="$STATE_DIR/vm/build-$key"
 loader_pid=""
 # A dockerd of the host's whose data-root is the guest's /var/lib/docker and
 # nothing else of the host's: its own socket, exec-root, containerd namespace,
-# no bridge and no iptables rules. Debian's docker.io on the host (as
+# and a network namespace of its own (`--bridge none` deletes the docker0 it
+# finds, which in the host's namespace is the host engine's bridge). Debian's docker.io on the host (as
 # .ci/prepare-host.sh installs it) is the guest's version; overlay2's layout
 # is the same in every release that has it.
 load_base_image() {
     local data_root=$1 sock="$work/loader.sock"
     mkdir -p "$data_root"
     echo '{}' >"$work/loader.json"
-    dockerd --config-file "$work/loader.json" --data-root "$data_root" --exec-root "$work/loader-exec" \
+    unshare --net dockerd --config-file "$work/loader.json" --data-root "$data_root" --exec-root "$work/loader-exec" \
         --pidfile "$work/loader.pid" -H "unix://$sock" --storage-driver overlay2 \
         --containerd-namespace socklab-vm-image --containerd-plugins-namespace socklab-vm-image-plugins \
         --bridge none --iptables=false --ip-masq=false >"$work/loader.log" 2>&1 &
