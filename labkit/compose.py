@@ -19,6 +19,9 @@ from .engine.base import LAB_LABEL
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "compose.yaml"
+# compose.yaml's services: the server, and the gate that exits 0 once it listens.
+SERVER_SERVICE = "server"
+READY_SERVICE = "server-ready"
 __all__ = ["COMPOSE_FILE", "ComposeProject", "LAB_LABEL", "REPO_ROOT"]
 
 
@@ -55,11 +58,14 @@ class ComposeProject:
         self.compose("build", *services, timeout_s=900)
 
     def up(self, *services: str, env: Mapping[str, str] | None = None, wait: bool = True) -> None:
-        """Start ``services`` detached; with ``wait``, until they are healthy or running."""
+        """Start ``services`` detached; with ``wait``, until they run and the server (if
+        among them) listens, which compose.yaml's gate waits for."""
         args = ["up", "-d", "--no-build"]
         if wait:
             args += ["--wait", "--wait-timeout", "60"]
         self.compose(*args, *services, env=env, timeout_s=120)
+        if wait and SERVER_SERVICE in services:
+            self.compose("run", "--rm", "--no-deps", READY_SERVICE, env=env, timeout_s=90)
 
     def run(
         self, service: str, *args: str, env: Mapping[str, str] | None = None,

@@ -13,10 +13,9 @@ from socklab import shaping
 from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
-from .compose import COMPOSE_FILE, LAB_LABEL
+from .compose import COMPOSE_FILE, LAB_LABEL, READY_SERVICE, SERVER_SERVICE
 from .config import ClientGroup, Experiment, LinkConfig, Workload
 
-SERVER_SERVICE = "server"
 SERVER_PORT = 5000
 # Where each client writes its trace inside its container; copied out at the end.
 TRACE_PATH = "/tmp/socklab-trace.gz"
@@ -129,6 +128,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
                             "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
         },
+        READY_SERVICE: {"labels": labels()},
     }
     for group in experiment.clients:
         services[client_service(group)] = {
@@ -137,7 +137,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "environment": {**link_env(group.link), "SOCKLAB_RESULT_DIR": "",
                             "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
-            "depends_on": {SERVER_SERVICE: {"condition": "service_healthy"}},
+            "depends_on": {READY_SERVICE: {"condition": "service_completed_successfully"}},
             "deploy": {"replicas": group.replicas},
         }
     return owned({"services": services}, owner)
@@ -176,15 +176,16 @@ def containers_key(override: dict[str, Any]) -> dict[str, Any]:
 def kept_override(override: dict[str, Any]) -> dict[str, Any]:
     """The override for containers kept between cases: each runs ``entry hold``; roles come by exec.
 
-    The server's healthcheck (is port 5000 listening?) would fail while no
-    server role runs, so it is off, and the clients no longer wait for it.
+    No server role listens while they start, so the gate (READY_SERVICE) is
+    left out and the clients wait only for the server's container; the runner
+    starts each case's server role and waits for it to listen.
     """
     services = {}
     for name, service in override["services"].items():
+        if name == READY_SERVICE:
+            continue
         kept = {**service, "command": ["hold"]}
-        if name == SERVER_SERVICE:
-            kept["healthcheck"] = {"disable": True}
-        else:
+        if name != SERVER_SERVICE:
             kept["depends_on"] = {SERVER_SERVICE: {"condition": "service_started"}}
         services[name] = kept
     return {"services": services}

@@ -4,8 +4,9 @@ A lab is one project, named uniquely (``socklab-<hint>-<hex>``), whose override
 file (the case's service definitions) is written where the run directory
 keeps it, so ``docker compose -f compose.yaml -f compose/X.yaml up`` reproduces
 the case. One ``compose up`` starts every service: the clients' ``depends_on``
-holds them until the server is healthy (listening), which costs less than two
-invocations. A role started in a kept container writes its process id to a
+holds them until compose.yaml's gate, ``server-ready``, has seen the server
+listen and exited, which costs less than two invocations and, unlike a
+healthcheck, asks nothing of the server once the case runs. A role started in a kept container writes its process id to a
 file of its own first, so that it can be signalled later: ``docker exec`` has
 no way to signal what it started.
 """
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .. import proc
-from ..compose import COMPOSE_FILE, ComposeProject
+from ..compose import COMPOSE_FILE, READY_SERVICE, ComposeProject
 from .base import LAB_LABEL, Finding, LabContainer, LabObject, RoleHandle, entry_command
 from .errors import EngineError, ImageBuildFailed, StartFailed
 
@@ -160,7 +161,8 @@ class ComposeLab(SdkContainers):
             raise StartFailed(str(exc)) from None
 
     def containers(self, service: str | None = None) -> list[LabContainer]:
-        return self.api.containers(self.name, service)
+        # The gate (compose.yaml's server-ready) is how this engine orders a start, not a role.
+        return [c for c in self.api.containers(self.name, service) if c.service != READY_SERVICE]
 
     def down(self) -> None:
         self.project.down()

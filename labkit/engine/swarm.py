@@ -33,7 +33,7 @@ import yaml
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from .. import proc
-from ..compose import COMPOSE_FILE, ComposeProject
+from ..compose import COMPOSE_FILE, READY_SERVICE, SERVER_SERVICE, ComposeProject
 from .base import LAB_LABEL, Finding, LabContainer, LabObject
 from .compose import ComposeEngine, SdkContainers
 from .errors import ContainerGone, EngineError, LabEngineError, StartFailed
@@ -190,8 +190,6 @@ class SwarmLab(SdkContainers):
         except proc.CommandError as exc:
             raise StartFailed(str(exc)) from None
         # The server first: it must listen before a client connects (no depends_on in stacks).
-        from ..scenario import SERVER_SERVICE
-
         (server,) = wait_for(lambda: self._started(SERVER_SERVICE, 1), TASK_START_S,
                              "the server's task did not start")
         if SERVER_SERVICE in services and stack["services"][SERVER_SERVICE].get("command") != ["hold"]:
@@ -312,11 +310,12 @@ class SwarmEngine:
     def create(self, definition: Mapping[str, Any], *, name_hint: str, record: Path) -> SwarmLab:
         override = record.with_name(record.name + ".yaml")
         override.write_text(yaml.safe_dump(dict(definition), sort_keys=False), encoding="utf-8")
-        services = list(definition["services"])
+        # The Compose gate shares the server's network namespace, which a stack
+        # cannot; here the engine itself waits for the server to listen.
+        services = [s for s in definition["services"] if s != READY_SERVICE]
         labels = {LAB_LABEL: "true"}
         for service in definition["services"].values():
             labels.update({k: v for k, v in (service.get("labels") or {}).items() if k.startswith("io.socklab.")})
-        from ..scenario import SERVER_SERVICE
 
         resolved = resolve([override])
         # The image Compose would run this case's server with, unless --image names another.

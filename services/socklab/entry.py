@@ -3,6 +3,13 @@
     python -m socklab entry ROLE [ARGS ...]     ROLE: server, client, summary, shape
     python -m socklab entry exec CMD [ARGS ...]  any program (iperf3), same treatment
     python -m socklab entry hold                 keep the container up for `docker exec`
+    python -m socklab entry ready PORT [SECONDS] exit 0 once this network namespace listens on PORT
+
+``ready`` is the gate the clients wait for (``server-ready`` in compose.yaml): it
+runs in the server's network namespace, reads the kernel's socket tables until a
+socket listens on the port, and exits. A Docker healthcheck would ask the same
+by a ``docker exec`` every interval for the server's whole life, measurements
+included: in an emulated VM that kept 75 % of a core busy.
 
 The link comes from ``SOCKLAB_LINK_*`` environment variables (see shaping).
 When the kernel cannot do what the link asks, the container stops here with one
@@ -30,9 +37,11 @@ import os
 import pwd
 import signal
 import sys
+import time
 
 from .errors import SocklabError, UsageError
 from .results import ENV_FAILURE_LINE, emit_failure, emit_result
+from .units import parse_duration_s
 
 WORKLOAD_USER = "socklab"
 # Roles that run as root because their job is the link itself.
@@ -137,6 +146,50 @@ def hold() -> int:
     return 0
 
 
+# /proc/net/tcp and tcp6: "sl local_address rem_address st ...", the port in hex
+# after the colon, the state in hex (0A: LISTEN).
+_SOCKET_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+_LISTEN = "0A"
+READY_POLL_S = 0.02
+
+
+def listening_ports(tables: tuple[str, ...] = _SOCKET_TABLES) -> set[int]:
+    """The TCP ports something listens on in this network namespace."""
+    ports = set()
+    for table in tables:
+        try:
+            with open(table, encoding="ascii") as fh:
+                next(fh, None)  # the header
+                for line in fh:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[3] == _LISTEN:
+                        ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+    return ports
+
+
+def wait_listening(port: int, timeout_s: float, tables: tuple[str, ...] = _SOCKET_TABLES) -> bool:
+    """Wait (at most ``timeout_s``) until something listens on ``port``; whether it did."""
+    deadline = time.monotonic() + timeout_s
+    while port not in listening_ports(tables):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(READY_POLL_S)
+    return True
+
+
+def ready(args: list[str]) -> int:
+    """``entry ready PORT [SECONDS]``: 0 once PORT listens here, 1 after SECONDS (default 60)."""
+    if not 1 <= len(args) <= 2 or not args[0].isdigit() or not 0 < int(args[0]) < 65536:
+        raise UsageError("entry ready needs a port (1-65535) and optionally how long to wait (e.g. 60s)")
+    timeout_s = parse_duration_s(args[1]) if len(args) == 2 else 60.0
+    if wait_listening(int(args[0]), timeout_s):
+        return 0
+    print(f"socklab: nothing listened on port {args[0]} within {timeout_s:g} s", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: list[str]) -> int:
     """Shape, prepare, then run the role named in ``argv`` without privileges."""
     if not argv or argv[0] in ("-h", "--help"):
@@ -145,6 +198,8 @@ def main(argv: list[str]) -> int:
     role, args = argv[0], argv[1:]
     if role == "hold":
         return hold()
+    if role == "ready":  # never shapes: it shares the server's network namespace and link
+        return ready(args)
     # From here a failure, this process's or the workload's, prints its failure line.
     os.environ[ENV_FAILURE_LINE] = "1"
     if role == "exec":

@@ -65,8 +65,10 @@ def test_override_declares_server_and_groups_with_replicas():
     assert server["environment"]["SOCKLAB_LINK_RATE"] == "1gbit"
     group = override["services"]["client-sender"]
     assert group["deploy"] == {"replicas": 3}
-    assert group["depends_on"] == {"server": {"condition": "service_healthy"}}
+    assert group["depends_on"] == {"server-ready": {"condition": "service_completed_successfully"}}
     assert group["labels"] == {"io.socklab.lab": "true", "io.socklab.case": "default"}
+    # The gate carries the case's labels like every other container of it.
+    assert override["services"]["server-ready"] == {"labels": group["labels"]}
     assert group["command"] == [
         "client", "--mode", "select", "--host", "server", "--port", "5000", "--workload", "bulk",
         "--connections", "4", "--bytes", "1048576", "--pattern", "Hello Python\n",
@@ -141,12 +143,12 @@ def test_cases_share_kept_containers_when_only_role_arguments_differ():
     assert key(fewer_replicas) != key(expand_cases(experiment())[0])
 
 
-def test_kept_containers_hold_and_the_server_has_no_healthcheck_to_fail():
+def test_kept_containers_hold_and_have_no_gate_to_wait_for():
     (case,) = expand_cases(experiment())
     kept = scenario.kept_override(scenario.compose_override(case.experiment, case.id))["services"]
     assert {name: service["command"] for name, service in kept.items()} == {
         "server": ["hold"], "client-sender": ["hold"]}
-    assert kept["server"]["healthcheck"] == {"disable": True}
+    assert "healthcheck" not in kept["server"]
     assert kept["client-sender"]["depends_on"] == {"server": {"condition": "service_started"}}
     assert kept["client-sender"]["deploy"] == {"replicas": 3}
     assert kept["client-sender"]["environment"]["SOCKLAB_LINK_RATE"] == "10mbit"

@@ -16,6 +16,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from labkit.compose import READY_SERVICE
 from socklab.entry import FLUSH_TCP_METRICS
 from socklab.results import find_results
 
@@ -75,6 +76,7 @@ class GuestProject:
         vm.put(self.override, json.dumps({"services": {"server": {"command": [*SERVER_ARGS, *server_args]}}})
                .encode())
         self.compose("up", "-d", "--wait", "server", env={"SERVER_LINK_RATE": ""})
+        self.compose("run", "--rm", "--no-deps", READY_SERVICE)  # until it listens (ComposeProject.up)
         self.compose("run", "-d", "--use-aliases", "--name", self.client_container, *link_flags({}),
                      "client", "exec", "sleep", "3600")
 
