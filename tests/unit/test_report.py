@@ -533,3 +533,15 @@ def test_committed_reports_are_what_their_run_directories_give(name):
     assert text == committed.split("\n## Plots\n")[0].rstrip("\n") + "\n"
     summary = (ROOT / "docs" / "results" / name / "summary.csv").read_text()
     assert RunDir(ROOT / "docs" / "results" / name).load().summary.csv_text() == summary
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs" / "backends").iterdir()))
+def test_committed_backend_comparisons_are_what_their_run_directories_give(name, monkeypatch):
+    """docs/backends: each experiment's netem run (A) beside its delay-line run (B), compared
+    by `lab.py compare` from the repository root; everything before the plots is redrawn."""
+    monkeypatch.chdir(ROOT)
+    base = Path("docs") / "backends" / name
+    runs = [compare.load_run(base / backend, label) for backend, label in (("netem", "A"), ("userspace", "B"))]
+    assert [run.meta["shaping_backend"] for run in runs] == ["netem", "userspace"]
+    committed = (base / "compare.md").read_text()
+    assert compare.render(runs, []).split("\n## Plots\n")[0] == committed.split("\n## Plots\n")[0]

@@ -5,13 +5,15 @@ Every reference is measured in the same VM: a round trip is held against the
 configured delay plus the round trip the VM measures with nothing shaped, so
 what the emulated CPU adds to every packet cancels out. Every byte goes between
 the containers of the VM's own lab network. The numbers each test measured are
-printed (pytest -s, or when a test fails).
+printed (pytest -s, or when a test fails). Experiments run by `lab.py run` with
+backend netem, seed-demo among them, are in test_backends_agree.py.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -214,62 +216,20 @@ def test_link_set_changes_a_running_netem_link(echo_lab, unshaped_rtt_ms):
     assert set(netem_qdiscs(shown)) == {"up", "down"}
 
 
-SCHEDULE = """\
-name: netem-schedule
-description: An echo client behind 10 ms each way, raised to 30 ms a second into the case (backend auto).
-repeat: 1
-timeout: 120s
-server: {mode: threaded}
-clients:
-  - name: pinger
-    mode: blocking
-    workload: {kind: echo, requests: 40, size: 64, think: 20ms}
-    link: {delay: 10ms}
-schedule:
-  - at: 1s
-    target: clients.pinger
-    link: {delay: 30ms}
-expect:
-  - name: round trips of both delays were seen
-    check: "pinger.latency_ms.p50 > 15 and pinger.latency_ms.max > 55"
-"""
+ROOT = Path(__file__).resolve().parents[2]
+# The userspace link test's schedule step (10 -> 30 ms each way), with the backend left to auto.
+LINK_STEP = ROOT / "tests" / "link-step.yaml"
 
 
 def test_a_schedule_step_changes_a_netem_link_during_a_case_and_auto_picks_netem(lab_vm):
-    lab_vm.put("/root/netem-schedule.yaml", SCHEDULE.encode())
-    out = "/root/runs/netem-schedule"
-    done = in_tree(lab_vm, ["python3", "lab.py", "run", "/root/netem-schedule.yaml", "--out", out], timeout_s=600)
+    lab_vm.put("/root/link-step.yaml", LINK_STEP.read_bytes())
+    out = "/root/runs/link-step"
+    done = in_tree(lab_vm, ["python3", "lab.py", "run", "/root/link-step.yaml", "--out", out], timeout_s=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    (run,) = lab_vm.sh(f"ls -d {out}/netem-schedule/*").stdout.split()
+    (run,) = lab_vm.sh(f"ls -d {out}/link-step/*").stdout.split()
     (record,) = [json.loads(line) for line in lab_vm.get(f"{run}/cases.jsonl").decode().splitlines()]
     latency = record["clients"][0]["latency_ms"]
     print(f"schedule 10 -> 30 ms: p50 {latency['p50']:.2f} ms, max {latency['max']:.2f} ms")
     assert json.loads(lab_vm.get(f"{run}/meta.json"))["shaping_backend"] == "netem"
     assert record["link"]["backend"] == "netem" and record["link"]["delay_line"]["pinger"] is None
     assert record["expectations"][0]["passed"], record["expectations"]
-
-
-# seed-demo's fast variant with backend netem named: 40 MB at 50 Mbit/s (6.7 s on
-# the link, so a send buffer of a few MB is a small part of a blocking send()),
-# with a delay so that the backend matters (rate alone is tbf on both backends).
-SEED_FAST = ["--repeat", "1", "--set", "clients.sender.workload.bytes=40MB",
-             "--set", "clients.sender.link.rate=50mbit", "--set", "clients.sender.link.delay=5ms",
-             "--set", "clients.sender.link.backend=netem"]
-
-
-def test_seed_demo_runs_on_netem_and_tells_the_tutorials_facts(lab_vm):
-    out = "/root/runs/seed-netem"
-    done = in_tree(lab_vm, ["python3", "lab.py", "run", "configs/seed-demo.yaml", *SEED_FAST, "--out", out],
-                   timeout_s=600)
-    print(done.stdout[-2000:])
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    run = lab_vm.sh(f"ls -d {out}/seed-demo/*").stdout.split()
-    assert len(run) == 1, run
-    meta = json.loads(lab_vm.get(f"{run[0]}/meta.json"))
-    records = [json.loads(line) for line in lab_vm.get(f"{run[0]}/cases.jsonl").decode().splitlines()]
-    assert meta["shaping_backend"] == "netem", meta
-    assert len(records) == 2 and all(r["status"] == "ok" for r in records)
-    for record in records:
-        assert record["link"]["backend"] == "netem", record["link"]
-        assert all(v is None for v in record["link"]["delay_line"].values()), record["link"]["delay_line"]
-        assert record["expectations"] and all(e["passed"] for e in record["expectations"]), record["expectations"]
