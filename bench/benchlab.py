@@ -61,7 +61,7 @@ def bench_lab(services: Mapping[str, Mapping] | None = None, *, prefix: str = "s
 
 @contextmanager
 def server_lab(command: Sequence[str], *, prefix: str = "socklab-bench") -> Iterator[ComposeProject]:
-    """A lab of its own whose server runs ``command`` on an unshaped link, up and healthy."""
+    """A lab of its own whose server runs ``command`` on an unshaped link, up and listening."""
     with bench_lab({"server": {"command": list(command), "environment": link_env()}}, prefix=prefix) as lab:
         lab.up("server")
         yield lab
