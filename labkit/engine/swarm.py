@@ -233,10 +233,12 @@ class SwarmLab(SdkContainers):
         proc.run(["docker", "stack", "rm", self.name], check=False, timeout_s=120)
         # `stack rm` returns before the tasks' containers are gone, and a network
         # with containers still attached cannot go: wait, then remove what is left.
+        # A sparse listing: a full one inspects each container it found, and fails
+        # on one that the swarm removes in between (seen in CI, on a resumed run).
         client = self.api.client
         flt = {"label": f"{STACK_LABEL}={self.name}"}
         try:
-            wait_for(lambda: None if client.containers.list(all=True, filters=flt) else True, DOWN_S,
+            wait_for(lambda: None if client.containers.list(all=True, filters=flt, sparse=True) else True, DOWN_S,
                      f"the containers of stack {self.name} were not removed")
         except StartFailed as exc:
             raise LabEngineError(str(exc)) from None

@@ -6,6 +6,7 @@ import functools
 import time
 from dataclasses import dataclass, field
 
+import docker
 import pytest
 import yaml
 
@@ -185,6 +186,32 @@ class FakeClient:
     def info(self):
         return {"Swarm": self.swarm}
 
+    container_listings: int = 0
+
+    @property
+    def containers(self):
+        client = self
+
+        class Containers:
+            """A stack's last task container, removed by the swarm while it is being listed:
+            a full listing inspects it afterwards and meets NotFound; a sparse one does not."""
+
+            def list(self, all, filters, sparse=False):
+                client.container_listings += 1
+                if not sparse:
+                    raise docker.errors.NotFound("No such container: 8977")
+                return [] if client.container_listings > 1 else ["a container on its way out"]
+
+        return Containers()
+
+    @property
+    def networks(self):
+        class Networks:
+            def list(self, filters):
+                return []
+
+        return Networks()
+
 
 @dataclass
 class FakeAPI:
@@ -280,3 +307,12 @@ def test_the_record_carries_the_lab_devices_mtu(tmp_path, mtu):
     record = CaseRunner(engine, RunDir.create(tmp_path, "fake"), lambda text: None).run(case, 0)
     assert record["status"] == "ok" and record["link"]["mtu"] == mtu
     assert "nodes" not in record  # the fake's containers, like Compose's, are on no node of their own
+
+
+def test_down_waits_for_the_tasks_containers_without_inspecting_vanishing_ones(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["running"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "DOWN_S", 5.0)
+    lab.down()
+    assert lab.deployed == [["docker", "stack", "rm", "st"]]
+    assert client.container_listings == 2  # listed until the container was gone
