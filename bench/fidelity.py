@@ -15,17 +15,27 @@ repetition (the veth pair and two Python processes are not part of the
 configured delay). Every backend the kernel has is measured; one it lacks is
 recorded with the sentence the lab gives for it.
 
+Link fidelity, rate and delay together: 10 Mbit/s with 20 ms each way, on every
+backend the kernel has; iperf3 against the TCP ceiling, the lab client against
+iperf3, as above.
+
 Load generation: on an unshaped link, the lab's blocking bulk client (with and
 without its per-call trace) against iperf3 between the same containers.
+
+Every point runs in a client container through a :data:`ClientRun` (a fresh
+container here; a kept one in the VM benchmark, bench/vm.py), so the same
+points measure the host's kernel and a VM's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Mapping, Protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -33,6 +43,7 @@ from benchlab import build_image, iperf3_json_script, json_after, run_in_client,
 from common import TCP_PAYLOAD_PER_FRAME, Log, figure, log_to_stderr  # noqa: E402
 from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
 from labkit.scenario import SERVER_PORT  # noqa: E402
+from socklab.errors import EngineError  # noqa: E402
 
 BULK_PORT = SERVER_PORT
 ECHO_PORT = SERVER_PORT + 1
@@ -40,22 +51,39 @@ ECHO_PORT = SERVER_PORT + 1
 LONG_LIVED = {"--max-connections": 1_000_000, "--idle-timeout": 3600}
 
 
-def _server(port: int, workload: str, **server: object) -> str:
-    """A threaded lab server on ``port`` for clients of ``workload``, as a shell command."""
-    argv = server_argv({"mode": "threaded", **server}, {"name": "load", "workload": {"kind": workload}},
+class ClientRun(Protocol):
+    """One point's client, as :func:`benchlab.run_in_client` runs it on a lab."""
+
+    def __call__(self, script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
+        """``sh -c script`` in a client container whose link is made from ``env`` (SOCKLAB_LINK_*);
+        its result lines by role (an "error" entry when it failed) and its stdout."""
+
+
+def _server(port: int, workload: str, mode: str, **server: object) -> str:
+    """A lab server of ``mode`` on ``port`` for clients of ``workload``, as a shell command."""
+    argv = server_argv({"mode": mode, **server}, {"name": "load", "workload": {"kind": workload}},
                        options={"--port": port, **LONG_LIVED})
     return shlex.join([*SOCKLAB, *argv])
 
 
-# Both servers of the lab and iperf3's in one container: each point then costs
-# one client container, not a project. Threaded servers serve the concurrent
-# iperf3/ping-pong of a point; a 256 KiB recv keeps the server off the critical
-# path at 1 Gbit/s (its default 1 KiB is the tutorial's, not a benchmark's).
-SERVER_COMMAND = ["exec", "sh", "-c", f"iperf3 -s -D && {_server(ECHO_PORT, 'echo')} & "
-                                      f"exec {_server(BULK_PORT, 'bulk', recv_size='256KiB')}"]
+def server_command(mode: str = "threaded") -> list[str]:
+    """The server container's command: iperf3's server and both lab servers (``mode``).
+
+    All in one container, so each point costs one client container, not a
+    project. A 256 KiB recv keeps the bulk server off the critical path at
+    1 Gbit/s (its default 1 KiB is the tutorial's, not a benchmark's).
+    """
+    return ["exec", "sh", "-c", f"iperf3 -s -D && {_server(ECHO_PORT, 'echo', mode)} & "
+                                f"exec {_server(BULK_PORT, 'bulk', mode, recv_size='256KiB')}"]
+
+
+# Threaded servers serve the concurrent iperf3/ping-pong of a point.
+SERVER_COMMAND = server_command("threaded")
 RATES_MBIT = (1, 10, 100, 1000)
 DELAYS_MS = (1, 10, 50, 200)
 BACKENDS = ("userspace", "netem")
+# Rate and delay together: the seed demo's link (10 Mbit/s, 20 ms each way).
+RATE_DELAY = (10, 20)
 GOODPUT_TOLERANCE = 0.05
 RTT_TOLERANCE = 0.05
 PING_BYTES = 64
@@ -76,53 +104,88 @@ def _lab_client(port: int, workload: dict, mode: str = "blocking", trace: bool =
                                               trace=trace)])
 
 
-def _goodput_point(lab, rate_mbit: float, seconds: int) -> dict:
-    """iperf3 then the lab client through one shaped link; both goodputs in bit/s."""
+def _goodput_point(client: ClientRun, rate_mbit: float, seconds: int, **link: str) -> dict:
+    """iperf3 then the lab client through one link shaped to ``rate_mbit`` (and ``link``'s other
+    keys); both goodputs in bit/s. A link the kernel cannot shape raises :class:`Unavailable`."""
     ceiling_bps = rate_mbit * 1e6 * TCP_PAYLOAD_PER_FRAME
     payload = int(ceiling_bps / 8 * (seconds - 1))
     script = (iperf3_json_script(f"-c server -t {seconds} -O 1") + "; "
               + _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload}))
-    results, stdout = run_in_client(lab, script, link_env(rate=f"{rate_mbit:g}mbit"),
-                                    timeout_s=seconds * 4 + 120)
+    results, stdout = client(script, link_env(rate=f"{rate_mbit:g}mbit", **link), timeout_s=seconds * 4 + 120)
     iperf = json_after("iperf3 ", stdout)
+    if not iperf and results.get("error", {}).get("returncode") == EngineError.exit_code:
+        raise Unavailable(results["error"]["output"])  # the link was refused before iperf3 ran
     if not iperf or "error" in iperf or "client" not in results:
         raise RuntimeError(f"goodput at {rate_mbit} Mbit/s: {results.get('error') or (iperf or {}).get('error')}")
-    return {"rate_mbit": rate_mbit, "ceiling_bps": ceiling_bps,
+    return {"rate_mbit": rate_mbit, **link, "ceiling_bps": ceiling_bps,
             "iperf3_bps": iperf["end"]["sum_received"]["bits_per_second"],
             "iperf3_retransmits": iperf["end"]["sum_sent"].get("retransmits"),
             "lab_bps": results["client"]["goodput_bps"], "lab_bytes": results["client"]["bytes_delivered"]}
 
 
-def goodput(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
+class Unavailable(RuntimeError):
+    """The kernel cannot shape the link asked for (the lab's sentence says why)."""
+
+
+def _goodput_figures(fid: str, name: str, rows: list[dict]) -> list[dict]:
+    """iperf3's goodput against the TCP ceiling, the lab client's against iperf3's."""
+    return [figure(f"{fid}.iperf3", f"iperf3 goodput through {name}", "Mbit/s", [r["iperf3_bps"] / 1e6 for r in rows],
+                   reference="TCP ceiling (rate x 1448/1514)", reference_samples=[r["ceiling_bps"] / 1e6 for r in rows],
+                   target={"within": GOODPUT_TOLERANCE}),
+            figure(f"{fid}.lab", f"lab client goodput through {name}", "Mbit/s", [r["lab_bps"] / 1e6 for r in rows],
+                   reference="iperf3, same link and run", reference_samples=[r["iperf3_bps"] / 1e6 for r in rows],
+                   target={"within": GOODPUT_TOLERANCE})]
+
+
+def _log_goodput(log: Log, what: str, row: dict) -> None:
+    log(f"goodput {what}: iperf3 {row['iperf3_bps'] / 1e6:.3f}, lab {row['lab_bps'] / 1e6:.3f} Mbit/s "
+        f"(ceiling {row['ceiling_bps'] / 1e6:.3f})")
+
+
+def goodput(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
     """The goodput figures at every rate."""
     repetitions, seconds = (1, 4) if quick else (3, 6)
     figures, points = [], []
     for rate in RATES_MBIT:
         rows = []
         for _ in range(repetitions):
-            rows.append(_goodput_point(lab, rate, seconds))
-            log(f"goodput at {_label_rate(rate)}: iperf3 {rows[-1]['iperf3_bps'] / 1e6:.3f}, lab "
-                f"{rows[-1]['lab_bps'] / 1e6:.3f} Mbit/s (ceiling {rows[-1]['ceiling_bps'] / 1e6:.3f})")
+            rows.append(_goodput_point(client, rate, seconds))
+            _log_goodput(log, f"at {_label_rate(rate)}", rows[-1])
         points += rows
-        name = _label_rate(rate)
-        figures.append(figure(f"link.goodput.{rate:g}mbit.iperf3", f"iperf3 goodput through a {name} link",
-                              "Mbit/s", [r["iperf3_bps"] / 1e6 for r in rows], reference="TCP ceiling (rate x 1448/1514)",
-                              reference_samples=[r["ceiling_bps"] / 1e6 for r in rows],
-                              target={"within": GOODPUT_TOLERANCE}))
-        figures.append(figure(f"link.goodput.{rate:g}mbit.lab", f"lab client goodput through a {name} link",
-                              "Mbit/s", [r["lab_bps"] / 1e6 for r in rows], reference="iperf3, same link and run",
-                              reference_samples=[r["iperf3_bps"] / 1e6 for r in rows],
-                              target={"within": GOODPUT_TOLERANCE}))
+        figures += _goodput_figures(f"link.goodput.{rate:g}mbit", f"a {_label_rate(rate)} link", rows)
     return figures, points
 
 
-def _ping_pong(lab, env: dict, round_trip_ms: float) -> tuple[dict | None, str | None]:
+def rate_delay_goodput(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict]:
+    """The goodput figures through rate and delay together, for every backend the kernel has."""
+    (rate, delay), repetitions, seconds = RATE_DELAY, (1 if quick else 3), (4 if quick else 6)
+    figures, points, unavailable = [], [], {}
+    for backend in BACKENDS:
+        link = {"delay": f"{delay}ms", "backend": backend}
+        try:
+            rows = [_goodput_point(client, rate, seconds, **link) for _ in range(repetitions)]
+        except Unavailable as exc:
+            unavailable[backend] = _last_line(str(exc))
+            log(f"goodput through rate + delay, {backend}: not measured: {unavailable[backend]}")
+            continue
+        for row in rows:
+            _log_goodput(log, f"at {_label_rate(rate)}, {delay} ms each way ({backend})", row)
+        points += rows
+        figures += _goodput_figures(f"link.goodput.{backend}.{rate:g}mbit_{delay}ms",
+                                    f"a {_label_rate(rate)} link with {delay} ms each way ({backend})", rows)
+    return figures, points, unavailable
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else "no output"
+
+
+def _ping_pong(client: ClientRun, env: dict, round_trip_ms: float) -> tuple[dict | None, str | None]:
     """The lab's echo client's round trips over a link made by ``env`` (and the delay line's
     own lateness, where there is one); or the error."""
     requests = int(min(200, max(10, 3000 / max(round_trip_ms, 1))))
-    results, _ = run_in_client(lab, _lab_client(ECHO_PORT, {"kind": "echo", "size": PING_BYTES,
-                                                            "requests": requests}),
-                               {**env, "SOCKLAB_REPORT_LINK": "1"}, timeout_s=300)
+    results, _ = client(_lab_client(ECHO_PORT, {"kind": "echo", "size": PING_BYTES, "requests": requests}),
+                        {**env, "SOCKLAB_REPORT_LINK": "1"})
     if "client" not in results:
         return None, (results.get("error") or {}).get("output", "no result")
     line = (results.get("link") or {}).get("delay_line") or {}
@@ -130,7 +193,7 @@ def _ping_pong(lab, env: dict, round_trip_ms: float) -> tuple[dict | None, str |
             "late_ms_mean": {d: line[d].get("late_ms_mean") for d in ("up", "down") if d in line}}, None
 
 
-def round_trip(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict]:
+def round_trip(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict]:
     """The round-trip figures for every delay and every backend the kernel has."""
     repetitions = 1 if quick else 3
     figures, points, unavailable = [], [], {}
@@ -138,10 +201,10 @@ def round_trip(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict
         for delay in DELAYS_MS:
             rows = []
             for _ in range(repetitions):
-                base, error = _ping_pong(lab, link_env(), 1.0)
+                base, error = _ping_pong(client, link_env(), 1.0)
                 if error:
                     raise RuntimeError(f"unshaped round trip: {error}")
-                shaped, error = _ping_pong(lab, link_env(delay=f"{delay}ms", backend=backend), 2 * delay)
+                shaped, error = _ping_pong(client, link_env(delay=f"{delay}ms", backend=backend), 2 * delay)
                 if error:
                     break
                 base_ms, shaped_ms = base["p50_ms"], shaped["p50_ms"]
@@ -151,7 +214,7 @@ def round_trip(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict
                     f"(expected {2 * delay} + unshaped {base_ms:.3f})")
             if error:
                 # The first delay tells whether this kernel has the backend at all.
-                sentence = error.strip().splitlines()[-1] if error.strip() else "no output"
+                sentence = _last_line(error)
                 log(f"round trip, {backend}: not measured: {sentence}")
                 unavailable[backend] = sentence
                 break
@@ -163,7 +226,7 @@ def round_trip(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict
     return figures, points, unavailable
 
 
-def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
+def loadgen(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
     """The lab client's bulk goodput on an unshaped link, traced and not, against iperf3.
 
     Two modes: blocking (the whole payload in a few send() calls, so tracing
@@ -174,7 +237,7 @@ def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
     rows = []
     for repetition in range(repetitions):
         script = iperf3_json_script(f"-c server -t {LOADGEN_SECONDS} -O 1")
-        results, stdout = run_in_client(lab, script, link_env())
+        results, stdout = client(script, link_env())
         iperf = json_after("iperf3 ", stdout)
         if not iperf or "error" in iperf:
             raise RuntimeError(f"iperf3 on an unshaped link: {results.get('error') or (iperf or {}).get('error')}")
@@ -185,8 +248,8 @@ def loadgen(lab, quick: bool, log: Log) -> tuple[list[dict], list[dict]]:
             # Alternated, so that whatever favours the first or second run of a pair
             # does not pass for the cost of tracing.
             for traced in ((False, True) if repetition % 2 == 0 else (True, False)):
-                results, _ = run_in_client(lab, _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload},
-                                                            mode, trace=traced), link_env())
+                results, _ = client(_lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload}, mode, trace=traced),
+                                    link_env())
                 if "client" not in results:
                     raise RuntimeError(f"lab bulk client ({mode}) on an unshaped link: {results.get('error')}")
                 key = f"{mode}.trace_{'on' if traced else 'off'}"
@@ -210,14 +273,16 @@ def run(quick: bool, log: Log) -> dict:
     """Every fidelity and bulk load-generation figure."""
     build_image()
     with server_lab(SERVER_COMMAND) as lab:
-        goodput_figures, goodput_points = goodput(lab, quick, log)
-        rtt_figures, rtt_points, unavailable = round_trip(lab, quick, log)
-        loadgen_figures, loadgen_points = loadgen(lab, quick, log)
+        client = functools.partial(run_in_client, lab)
+        goodput_figures, goodput_points = goodput(client, quick, log)
+        rate_delay_figures, rate_delay_points, unavailable = rate_delay_goodput(client, quick, log)
+        rtt_figures, rtt_points, rtt_unavailable = round_trip(client, quick, log)
+        loadgen_figures, loadgen_points = loadgen(client, quick, log)
     held = [f for f in goodput_figures if f["id"].endswith(".iperf3") and f["met"]]
     return {
-        "figures": goodput_figures + rtt_figures + loadgen_figures,
-        "details": {"goodput": goodput_points, "round_trip": rtt_points, "loadgen": loadgen_points,
-                    "backends_unavailable": unavailable,
+        "figures": goodput_figures + rate_delay_figures + rtt_figures + loadgen_figures,
+        "details": {"goodput": goodput_points, "rate_delay": rate_delay_points, "round_trip": rtt_points,
+                    "loadgen": loadgen_points, "backends_unavailable": {**unavailable, **rtt_unavailable},
                     "goodput_holds_up_to": held[-1]["id"].split(".")[2] if held else None},
     }
 

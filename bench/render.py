@@ -23,6 +23,7 @@ SECTIONS = {
     "overhead": "Lab overhead",
     "echo": "Echo load: requests per second by server mode",
     "scale": "Scale: concurrent connections held",
+    "vm": "Link fidelity on a stock kernel with netem, inside an emulated VM",
 }
 HEADLINE_BEGIN = "<!-- bench:headline (made by bench/render.py from bench/results/benchmarks.json) -->"
 HEADLINE_END = "<!-- /bench:headline -->"
@@ -75,6 +76,14 @@ def figure_rows(figures: list[dict]) -> list[str]:
         rows.append(f"| {fig['label']} (`{fig['id']}`) | {measured} | {reference} | {span(fig['ratio'])} | "
                     f"{target_text(fig['target'])} | {verdict(fig)} |")
     return rows
+
+
+def machine_sentence(about: dict) -> str:
+    """Where a section was measured when not on the machine above (the VM benchmark's guest)."""
+    return (f"Measured inside an emulated VM on the machine above: {about['emulator']}, {about['cpus']} × "
+            f"{about['cpu_model']}, {about['memory_gib']} GiB, kernel {about['kernel']}, Docker engine / Compose "
+            f"{about['docker']} / {about['compose']}. Absolute times are slower there than on real hardware; "
+            "the ratios are what carry over.")
 
 
 def _notes(details: dict) -> list[str]:
@@ -135,6 +144,8 @@ def render(results: dict) -> str:
         if "error" in bench:
             out += [f"Did not complete: {bench['error']}"]
             continue
+        if "machine" in bench.get("details", {}):
+            out += [machine_sentence(bench["details"]["machine"]), ""]
         out += figure_rows(bench["figures"])
         notes = [f"- `{f['id']}`: {f['note']}" for f in bench["figures"] if f.get("note")]
         notes += _notes(bench.get("details", {}))

@@ -7,7 +7,8 @@
 
 Benchmarks, not tests: each measures on real containers of a project of its
 own (removed afterwards) and reports figures against references measured in
-the same run. The results file is written again after each benchmark, so an
+the same run; `vm` does so inside a QEMU VM with a stock kernel (netem), so it
+needs root and what .ci/prepare-host.sh installs. The results file is written again after each benchmark, so an
 interrupted run keeps what it measured. Exit status 0 when every benchmark
 ran (a missed target is a finding, not a failure), 1 when one could not run,
 2 for bad arguments.
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, RESULTS_SCHEMA, ROOT, environment  # noqa: E402
 from render import render, replace_headline  # noqa: E402
 
-BENCHMARKS = ("fidelity", "overhead", "echo", "scale")
+BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm")
 
 
 def _log(text: str) -> None:

@@ -320,3 +320,17 @@ def test_delay_line_profile_ranks_functions_by_their_cpu_time_per_packet():
     assert [r["own_us_per_packet"] for r in rows] == sorted((r["own_us_per_packet"] for r in rows), reverse=True)
     by_name = {r["function"]: r for r in rows}
     assert by_name["~:0(<built-in method builtins.sum>)"]["calls"] == 50
+
+
+def test_timer_lateness_sleeps_as_asked_and_reports_the_overshoot():
+    started = time.monotonic()
+    done = subprocess.run([sys.executable if a == "python3" else a
+                           for a in experiments.probe_command("timer_lateness", 2, 50)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    elapsed = time.monotonic() - started
+    found = json.loads(done.stdout)
+    assert (found["sleep_ms"], found["count"]) == (2.0, 50)
+    late = found["late_ms"]
+    assert 0 <= late["p50"] <= late["p90"] <= late["max"]
+    # 50 sleeps of 2 ms, and at least half of them late by p50 or more, all inside the wall time.
+    assert 0.1 + 25 * late["p50"] / 1000 <= elapsed

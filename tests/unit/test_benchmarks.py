@@ -42,7 +42,7 @@ def test_readme_headline_is_the_rendering_of_the_committed_results(results):
 def test_the_committed_run_is_complete(results):
     assert results["schema"] == common.RESULTS_SCHEMA
     assert results["quick"] is False
-    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale"}
+    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale", "vm"}
     for name, bench in results["benchmarks"].items():
         assert "error" not in bench, f"{name}: {bench.get('error')}"
         assert bench["figures"], name
@@ -95,7 +95,7 @@ def test_run_refuses_an_unknown_benchmark_in_one_sentence():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale"]
+        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm"]
 
 
 # ------------------------------------------------- the roles benchmarks start
@@ -160,3 +160,53 @@ def test_scale_roles_hold_idle_connections_in_chunks_of_one_client_process():
     assert {k: v for k, v in _options(clients[0]).items() if k != "--connections"} == {
         "--mode": "epoll", "--host": "server", "--port": "5000", "--workload": "slow", "--rate": "0",
         "--hold": "140s", "--connect-timeout": "60s", "--eof-wait": "30s"}
+
+
+# ------------------------------------------------- fidelity's points, on a fake client
+
+class FakeClient:
+    """A ClientRun that answers as the image would: netem refused (this kernel has none),
+    every other link carried at the figures given; it keeps each link it was asked for."""
+
+    REFUSAL = "socklab: the link asks for delay 20ms (up) but this kernel has no netem qdisc (kernel module sch_netem)"
+
+    def __init__(self, iperf3_bps: float, lab_bps: float, rtt_ms: dict[str, float]):
+        self.iperf3_bps, self.lab_bps, self.rtt_ms, self.links = iperf3_bps, lab_bps, rtt_ms, []
+
+    def __call__(self, script, env, *, timeout_s=300):
+        self.links.append(dict(env))
+        if env["SOCKLAB_LINK_BACKEND"] == "netem":
+            return {"error": {"returncode": 3, "output": f"starting\n{self.REFUSAL}\n"}}, ""
+        if script.startswith("iperf3"):
+            iperf = {"end": {"sum_received": {"bits_per_second": self.iperf3_bps}, "sum_sent": {"retransmits": 0}}}
+            client = {"role": "client", "goodput_bps": self.lab_bps, "bytes_delivered": 1}
+            return {"client": client}, "iperf3 " + json.dumps(iperf) + "\n"
+        p50 = self.rtt_ms[env["SOCKLAB_LINK_DELAY"] or "0"]
+        return {"client": {"role": "client", "latency_ms": {"p50": p50}}}, ""
+
+
+def test_rate_delay_goodput_measures_each_backend_the_kernel_has_and_names_the_one_it_lacks():
+    import fidelity
+
+    client = FakeClient(iperf3_bps=9.5e6, lab_bps=9.31e6, rtt_ms={})
+    figures, points, unavailable = fidelity.rate_delay_goodput(client, quick=True, log=lambda _: None)
+    assert unavailable == {"netem": FakeClient.REFUSAL}
+    assert [f["id"] for f in figures] == ["link.goodput.userspace.10mbit_20ms.iperf3",
+                                          "link.goodput.userspace.10mbit_20ms.lab"]
+    ceiling = 10 * 1448 / 1514
+    assert figures[0]["ratio"]["median"] == pytest.approx(9.5 / ceiling, rel=1e-3) and figures[0]["met"]
+    assert figures[1]["ratio"]["median"] == pytest.approx(0.98, rel=1e-3) and figures[1]["met"]
+    assert {(link["SOCKLAB_LINK_RATE"], link["SOCKLAB_LINK_DELAY"], link["SOCKLAB_LINK_BACKEND"])
+            for link in client.links} == {("10mbit", "20ms", "userspace"), ("10mbit", "20ms", "netem")}
+    assert points[0]["delay"] == "20ms" and points[0]["backend"] == "userspace"
+
+
+def test_round_trip_is_judged_against_twice_the_delay_plus_the_unshaped_round_trip():
+    import fidelity
+
+    client = FakeClient(0, 0, rtt_ms={"0": 0.4, "1ms": 2.6, "10ms": 20.5, "50ms": 100.5, "200ms": 400.5})
+    figures, points, unavailable = fidelity.round_trip(client, quick=True, log=lambda _: None)
+    assert list(unavailable) == ["netem"]
+    assert [f["id"] for f in figures] == [f"link.rtt.userspace.{d}ms" for d in fidelity.DELAYS_MS]
+    assert figures[0]["reference"]["samples"] == [2.4] and figures[0]["met"] is False  # 2.6 / 2.4
+    assert all(f["met"] for f in figures[1:])

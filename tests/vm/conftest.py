@@ -13,35 +13,21 @@ user on a netem kernel gets when they run lab.py next to their engine.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 
 import pytest
 
-from .fabric import Fabric, Vm, build_image
+from .fabric import Fabric, Vm, build_image, missing_prerequisite
 from .guestlab import BASE_IMAGE, GUEST_TREE, working_tree_tar
 
 # Every timing of the tier's set-up, printed at the end of the session (pytest -s or -rA).
 TIMINGS: dict[str, float] = {}
 
 
-def _problem() -> str | None:
-    if os.geteuid() != 0:
-        return "the VM tier needs root (debootstrap, mkfs.ext4 -d of a root filesystem)"
-    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "docker"):
-        if shutil.which(tool) is None:
-            return f"{tool} is missing: run .ci/prepare-host.sh"
-    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE], capture_output=True).returncode != 0:
-        return f"the base image {BASE_IMAGE} is missing: run .ci/prepare-host.sh"
-    return None
-
-
 @pytest.fixture(scope="session")
 def vm_image():
     """The VM image, built once per set of inputs and cached on the host."""
-    problem = _problem()
+    problem = missing_prerequisite(BASE_IMAGE)
     if problem:
         pytest.skip(problem)
     started = time.monotonic()

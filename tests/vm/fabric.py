@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +38,18 @@ _PR_SET_PDEATHSIG = 1
 
 class FabricError(RuntimeError):
     """The fabric could not build, boot or reach a VM; the message says which and why."""
+
+
+def missing_prerequisite(base_image: str) -> str | None:
+    """What this host lacks to build and boot the VMs, as a sentence; None when it has it all."""
+    if os.geteuid() != 0:
+        return "the VMs need root (debootstrap, mkfs.ext4 -d of a root filesystem)"
+    for tool in ("qemu-system-x86_64", "qemu-img", "debootstrap", "mkfs.ext4", "docker"):
+        if shutil.which(tool) is None:
+            return f"{tool} is missing: run .ci/prepare-host.sh"
+    if subprocess.run(["docker", "image", "inspect", base_image], capture_output=True).returncode != 0:
+        return f"the base image {base_image} is missing: run .ci/prepare-host.sh"
+    return None
 
 
 def build_image(env: Mapping[str, str] | None = None, timeout_s: float = 1800) -> Image:

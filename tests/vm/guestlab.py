@@ -15,9 +15,10 @@ import shlex
 import subprocess
 import tarfile
 from pathlib import Path
+from typing import Mapping
 
 from labkit.compose import READY_SERVICE
-from socklab.entry import FLUSH_TCP_METRICS
+from socklab.entry import ENV_KEEP, FLUSH_TCP_METRICS
 from socklab.results import find_results
 
 from .fabric import FabricError, GuestResult, Vm
@@ -68,13 +69,15 @@ class GuestProject:
     client in it by `docker exec`, as the orchestrator's --reuse does.
     """
 
-    def __init__(self, vm: Vm, *server_args: str):
+    def __init__(self, vm: Vm, *server_args: str, command: list[str] | None = None):
+        """The server runs ``command`` (the image's entrypoint's arguments), by default the
+        threaded server on port 5000 with ``server_args`` on top."""
         self.vm = vm
         self.name = f"socklab-vm-{secrets.token_hex(3)}"
         self.override = f"/tmp/{self.name}.json"
         self.client_container = f"{self.name}-client"
-        vm.put(self.override, json.dumps({"services": {"server": {"command": [*SERVER_ARGS, *server_args]}}})
-               .encode())
+        command = command or [*SERVER_ARGS, *server_args]
+        vm.put(self.override, json.dumps({"services": {"server": {"command": command}}}).encode())
         self.compose("up", "-d", "--wait", "server", env={"SERVER_LINK_RATE": ""})
         self.compose("run", "--rm", "--no-deps", READY_SERVICE)  # until it listens (ComposeProject.up)
         self.compose("run", "-d", "--use-aliases", "--name", self.client_container, *link_flags({}),
@@ -127,6 +130,23 @@ class GuestProject:
             raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
         assert found[0]["errors"] == [], found[0]
         return {"client": found[0], "link": json.loads(shown)}
+
+    def run_in_client(self, script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
+        """``sh -c script`` in the kept client container, started as lab.py's --reuse starts a role.
+
+        The image's entrypoint, told the container is kept, forgets the kernel's
+        TCP metrics, shapes the link from ``env`` (SOCKLAB_LINK_*), runs the
+        script unprivileged and removes the link again. Its result lines by role
+        (an "error" entry when it failed) and its stdout, as the benchmarks'
+        run_in_client returns them for a fresh container on the host.
+        """
+        flags = [flag for key, value in {**env, ENV_KEEP: "1"}.items() for flag in ("-e", f"{key}={value}")]
+        done = self.vm.exec(["docker", "exec", *flags, self.client_container, "python3", "-m", "socklab", "entry",
+                             "exec", "sh", "-c", script], timeout_s=timeout_s)
+        results = {r["role"]: r for r in find_results(done.stdout)}
+        if done.returncode != 0 or done.timed_out:
+            results.setdefault("error", {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-800:]})
+        return results, done.stdout
 
     def down(self) -> None:
         """Remove the project (tolerating a VM that is already gone)."""
