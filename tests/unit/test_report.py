@@ -525,7 +525,7 @@ def test_cdf_legend_and_table_show_the_same_percentiles(tmp_path):
     assert rows["server.mode=blocking,echo.mode=blocking"]["p99 latency (ms)"].startswith("7.117 ± ")
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs" / "results").iterdir()))
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (ROOT / "docs" / "results").glob("*/meta.json")))
 def test_committed_reports_are_what_their_run_directories_give(name):
     """docs/results keeps no traces, so the plots are not redrawn here: everything before them is."""
     committed = (ROOT / "docs" / "results" / name / "report.md").read_text()
@@ -535,12 +535,12 @@ def test_committed_reports_are_what_their_run_directories_give(name):
     assert RunDir(ROOT / "docs" / "results" / name).load().summary.csv_text() == summary
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs" / "backends").iterdir()))
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "docs" / "results" / "backends").iterdir()))
 def test_committed_backend_comparisons_are_what_their_run_directories_give(name, monkeypatch):
-    """docs/backends: each experiment's netem run (A) beside its delay-line run (B), compared
+    """docs/results/backends: each experiment's netem run (A) beside its delay-line run (B), compared
     by `lab.py compare` from the repository root; everything before the plots is redrawn."""
     monkeypatch.chdir(ROOT)
-    base = Path("docs") / "backends" / name
+    base = Path("docs") / "results" / "backends" / name
     runs = [compare.load_run(base / backend, label) for backend, label in (("netem", "A"), ("userspace", "B"))]
     assert [run.meta["shaping_backend"] for run in runs] == ["netem", "userspace"]
     committed = (base / "compare.md").read_text()
