@@ -85,7 +85,8 @@ def _workload_s(record: dict) -> float:
 
 
 def _bare_up_down(override: Path, services: list[str]) -> float:
-    """`up -d` + `down` of ``services`` (and the gate they depend on) by bare Compose from the case's own override file."""
+    """`up -d` + `down` of ``services`` (and the gate they depend on) by bare Compose, from the case's
+    own override file."""
     bare = ComposeProject(f"socklab-bench-bare-{time.monotonic_ns() % 10**6}", files=(COMPOSE_FILE, override))
     started = time.monotonic()
     try:

@@ -6,9 +6,11 @@ keeps it, so ``docker compose -f compose.yaml -f compose/X.yaml up`` reproduces
 the case. One ``compose up`` starts every service: the clients' ``depends_on``
 holds them until compose.yaml's gate, ``server-ready``, has seen the server
 listen and exited, which costs less than two invocations and, unlike a
-healthcheck, asks nothing of the server once the case runs. A role started in a kept container writes its process id to a
-file of its own first, so that it can be signalled later: ``docker exec`` has
-no way to signal what it started.
+healthcheck, asks nothing of the server once the case runs.
+
+A role started in a kept container writes its process id to a file of its
+own first, so that it can be signalled later: ``docker exec`` has no way to
+signal what it started.
 """
 
 from __future__ import annotations
