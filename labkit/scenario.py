@@ -127,6 +127,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "environment": {**link_env(experiment.server.link), "SOCKLAB_RESULT_DIR": "",
                             "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
+            **placement(experiment.server.placement),
         },
         READY_SERVICE: {"labels": labels()},
     }
@@ -138,9 +139,14 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
                             "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
             "depends_on": {READY_SERVICE: {"condition": "service_completed_successfully"}},
-            "deploy": {"replicas": group.replicas},
+            "deploy": {"replicas": group.replicas, **placement(group.placement).get("deploy", {})},
         }
     return owned({"services": services}, owner)
+
+
+def placement(constraints: tuple[str, ...] | None) -> dict[str, Any]:
+    """A service's Compose keys for Swarm placement ``constraints`` (none when they are unset)."""
+    return {"deploy": {"placement": {"constraints": list(constraints)}}} if constraints else {}
 
 
 def owned(definition: dict[str, Any], owner: Mapping[str, str] | None) -> dict[str, Any]:

@@ -44,7 +44,10 @@ def _dry_run(cases: Sequence[Case]) -> int:
         say(f"\ncase {case.id}:")
         override = scenario.compose_override(case.experiment, case.id)
         for service, spec in override["services"].items():
-            say(f"  {service}: {shlex.join(spec['command'])}")
+            # The gate (server-ready) runs as compose.yaml defines it; the case changes only its labels.
+            say(f"  {service}: {shlex.join(spec['command']) if 'command' in spec else 'as compose.yaml defines it'}")
+            if "placement" in spec.get("deploy", {}):
+                say(f"  {service}: on a swarm, placed by {' and '.join(spec['deploy']['placement']['constraints'])}")
         for service, plan in scenario.shaping_plans(case.experiment).items():
             if not plan:
                 say(f"  {service}: link unshaped")

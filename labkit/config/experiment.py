@@ -143,6 +143,7 @@ class ServerConfig:
     recv_size_bytes: int
     link: LinkConfig
     rcvbuf_bytes: int | None = None
+    placement: tuple[str, ...] | None = None  # Swarm constraints; None: the engine decides
 
     def to_dict(self) -> dict[str, Any]:
         """The server as config keys."""
@@ -162,6 +163,7 @@ class ClientGroup:
     link: LinkConfig
     sndbuf_bytes: int | None = None
     rcvbuf_bytes: int | None = None
+    placement: tuple[str, ...] | None = None  # Swarm constraints; None: the engine decides
 
     def to_dict(self) -> dict[str, Any]:
         """The group as config keys."""

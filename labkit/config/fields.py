@@ -10,7 +10,7 @@ from __future__ import annotations
 import keyword
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from socklab import units
 from socklab.errors import UsageError
@@ -74,6 +74,39 @@ def _group_name(value: object) -> str:
                          "letter and use lower-case letters, digits and _ (it is used in checks "
                          "as NAME.field; server and case are taken)")
     return value
+
+
+# What Docker Swarm can place a task by: <attribute> == or != <value>.
+_PLACEMENT = re.compile(r"\s*(node\.(?:id|hostname|role|platform\.os|platform\.arch|labels\.[A-Za-z0-9_.-]+)"
+                        r"|engine\.labels\.[A-Za-z0-9_.-]+)\s*(==|!=)\s*(\S(?:.*\S)?)\s*")
+_PLACEMENT_ALLOWED = ("use ATTRIBUTE == VALUE or ATTRIBUTE != VALUE, with node.id, node.hostname, node.role, "
+                      "node.platform.os, node.platform.arch, node.labels.NAME or engine.labels.NAME "
+                      "(e.g. node.hostname == vm2)")
+
+
+def _placement(value: object) -> tuple[str, ...]:
+    """Docker Swarm placement constraints, each checked as Swarm would read it, spaced one way.
+
+    One constraint may be given as text alone (``--set server.placement=node.role == manager``).
+    """
+    if isinstance(value, str):
+        value = (value,)
+    if isinstance(value, (list, tuple)) and not value:
+        raise UsageError("the list of placement constraints is empty: give one or more, or leave placement out")
+    if not isinstance(value, (list, tuple)):
+        shown = "a mapping" if isinstance(value, Mapping) else repr(value)
+        raise UsageError(f"{shown} is not a list of placement constraints: give one or more, "
+                         f"each a '- ' item ({_PLACEMENT_ALLOWED})")
+    constraints = []
+    for item in value:
+        found = _PLACEMENT.fullmatch(item) if isinstance(item, str) else None
+        if not found:
+            raise UsageError(f"{item!r} is not a placement constraint: {_PLACEMENT_ALLOWED}")
+        attribute, operator, wanted = found.groups()
+        if attribute == "node.role" and wanted not in ("manager", "worker"):
+            raise UsageError(f"{item!r} is not a placement constraint: node.role is manager or worker")
+        constraints.append(f"{attribute} {operator} {wanted}")
+    return tuple(constraints)
 
 
 def _size(value: object) -> int:
@@ -169,11 +202,15 @@ TOP_FIELDS = (
     Field("timeout", "timeout_s", parse_positive_seconds, 300.0, render_seconds),
     Field("container_memory", "container_memory_bytes", _size, DEFAULT_CONTAINER_MEMORY_BYTES, render_size),
 )
+# Where a swarm runs a role's tasks (the Compose engine has one host and ignores it).
+PLACEMENT_FIELD = Field("placement", "placement", _optional(_placement), None,
+                        lambda constraints: None if constraints is None else list(constraints))
 SERVER_FIELDS = (
     Field("mode", "mode", _choice("a server mode", SERVER_MODES), "blocking"),
     Field("recv_size", "recv_size_bytes", _size, 1024),
     # SO_RCVBUF of every accepted connection: the receive window a sender meets.
     Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
+    PLACEMENT_FIELD,
 )
 CLIENT_FIELDS = (
     Field("name", "name", _group_name, REQUIRED),
@@ -184,6 +221,7 @@ CLIENT_FIELDS = (
     # SO_SNDBUF sets what one non-blocking send() can take; SO_RCVBUF the window.
     Field("sndbuf", "sndbuf_bytes", _optional(_size), None),
     Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
+    PLACEMENT_FIELD,
 )
 LINK_FIELDS = tuple(
     Field(key, attr, _link_value(key), None, _render_link_value(key))

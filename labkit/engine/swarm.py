@@ -34,6 +34,7 @@ from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wa
 
 from .. import proc
 from ..compose import COMPOSE_FILE, READY_SERVICE, SERVER_SERVICE, ComposeProject
+from ..scenario import SERVER_PORT
 from .base import LAB_LABEL, Finding, LabContainer, LabObject
 from .compose import ComposeEngine, SdkContainers
 from .errors import ContainerGone, EngineError, LabEngineError, StartFailed
@@ -42,7 +43,8 @@ STACK_LABEL = "com.docker.stack.namespace"
 NETWORK = "lab"
 IMAGE_ENV = "SOCKLAB_IMAGE"  # what --image sets when it is not given on the command line
 SCALE_KEY = "x-socklab-scale"  # the stack file's own note of the replicas set once the server listens
-SERVER_PORT_PROBE = ["sh", "-c", "ss -ltnH 'sport = :5000' | grep -q ."]
+# compose.yaml's gate (`entry ready`), asked once per exec: whether the server's port listens yet.
+SERVER_PORT_PROBE = ["python3", "-m", "socklab", "entry", "ready", str(SERVER_PORT), "0s"]
 TASK_START_S = 60.0
 SERVER_LISTEN_S = 60.0
 DOWN_S = 60.0
@@ -64,15 +66,35 @@ def escape_dollars(value: str) -> str:
     return value.replace("$", "$$")
 
 
+def spread_placement(services: Sequence[str], node_ids: Sequence[str]) -> dict[str, list[str]]:
+    """Constraints that put the server on one node and the client services on the others.
+
+    ``services``: those the experiment places nowhere itself (the server among
+    them or not); ``node_ids``: the nodes that can take tasks, in a stable order.
+    The server goes on the first, the client services round robin on the
+    rest, so that their traffic crosses hosts. One node: no constraints.
+    """
+    if len(node_ids) < 2:
+        return {}
+    server_node, others = node_ids[0], node_ids[1:]
+    clients = [s for s in services if s != SERVER_SERVICE]
+    spread = {name: [f"node.id == {others[i % len(others)]}"] for i, name in enumerate(clients)}
+    if SERVER_SERVICE in services:
+        spread[SERVER_SERVICE] = [f"node.id == {server_node}"]
+    return spread
+
+
 def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: str,
-               labels: Mapping[str, str], deferred: Sequence[str] = ()) -> dict[str, Any]:
+               labels: Mapping[str, str], deferred: Sequence[str] = (),
+               default_placement: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
     """The stack file of a case, from its services as ``docker compose config`` resolved them.
 
     ``services``: the case's services (the override's); ``image``: what every
     task runs (stacks do not build); ``labels``: the lab's and owner's labels,
     on every service, its containers and the network; ``deferred``: services
     deployed with no replicas, scaled to theirs (recorded under ``x-socklab-scale``)
-    once the server listens, since stacks ignore ``depends_on``.
+    once the server listens, since stacks ignore ``depends_on``; ``default_placement``:
+    constraints for the services whose definition has none (see :func:`spread_placement`).
     """
     out: dict[str, Any] = {}
     scale: dict[str, int] = {}
@@ -96,6 +118,10 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
         service["deploy"] = {"replicas": 0 if name in deferred else replicas,
                              "restart_policy": {"condition": "none"},
                              "endpoint_mode": "dnsrr", "labels": dict(service_labels)}
+        constraints = (((spec.get("deploy") or {}).get("placement") or {}).get("constraints")
+                       or (default_placement or {}).get(name))
+        if constraints:
+            service["deploy"]["placement"] = {"constraints": list(constraints)}
         out[name] = service
     stack: dict[str, Any] = {
         "version": "3.8",
@@ -109,18 +135,20 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
 
 
 def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, *,
-             poll_s: float | None = None) -> T:
+             poll_s: float | None = None, why: Callable[[], str] | None = None) -> T:
     """``probe()``'s first value that is not None, asked every ``poll_s`` (POLL_S) for up to ``timeout_s``.
 
     ``probe`` raises (StartFailed, ContainerGone) when waiting longer cannot
-    help; after ``timeout_s`` StartFailed says it was ``what`` that did not happen.
+    help; after ``timeout_s`` StartFailed says it was ``what`` that did not
+    happen, and ``why()``'s answer, if it has one.
     """
     retrying = Retrying(stop=stop_after_delay(timeout_s), wait=wait_fixed(POLL_S if poll_s is None else poll_s),
                         retry=retry_if_result(lambda value: value is None))
     try:
         return retrying(probe)
     except RetryError:
-        raise StartFailed(f"{what} within {timeout_s:g} s") from None
+        reason = why() if why else ""
+        raise StartFailed(f"{what} within {timeout_s:g} s{f': {reason}' if reason else ''}") from None
 
 
 def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str, str]) -> LabContainer | None:
@@ -179,6 +207,12 @@ class SwarmLab(SdkContainers):
         found = [c for c in (task_container(t, self.name, nodes) for t in self._tasks(short)) if c]
         return sorted(found, key=lambda c: c.number) if len(found) >= count else None
 
+    def _why_waiting(self, short: str) -> str:
+        """What the swarm says of ``short``'s tasks that have not started (a placement no node meets)."""
+        said = {(t.get("Status") or {}).get("Err") for t in self._tasks(short)
+                if (t.get("Status") or {}).get("State") not in STARTED_STATES}
+        return "; ".join(sorted(f"the swarm says {reason!r}" for reason in said if reason))
+
     def start(self, services: Sequence[str]) -> None:
         if self.stack_path is None:
             raise StartFailed(f"stack {self.name} has no stack file to deploy")
@@ -191,10 +225,10 @@ class SwarmLab(SdkContainers):
             raise StartFailed(str(exc)) from None
         # The server first: it must listen before a client connects (no depends_on in stacks).
         (server,) = wait_for(lambda: self._started(SERVER_SERVICE, 1), TASK_START_S,
-                             "the server's task did not start")
+                             "the server's task did not start", why=lambda: self._why_waiting(SERVER_SERVICE))
         if SERVER_SERVICE in services and stack["services"][SERVER_SERVICE].get("command") != ["hold"]:
             wait_for(lambda: self._listening(server), SERVER_LISTEN_S,
-                     "the server did not listen on port 5000")
+                     f"the server did not listen on port {SERVER_PORT}")
         for short, replicas in (stack.get(SCALE_KEY) or {}).items():
             if short in services:
                 self._scale(short, replicas)
@@ -202,7 +236,7 @@ class SwarmLab(SdkContainers):
             replicas = int(stack["services"][short]["deploy"]["replicas"]) or \
                 int((stack.get(SCALE_KEY) or {}).get(short, 0))
             wait_for(lambda short=short, replicas=replicas: self._started(short, replicas), TASK_START_S,
-                     f"the tasks of {short} did not all start")
+                     f"the tasks of {short} did not all start", why=lambda short=short: self._why_waiting(short))
 
     def _listening(self, server: LabContainer) -> bool | None:
         if not self.running(server):
@@ -264,6 +298,12 @@ class SwarmEngine:
             raise EngineError(NO_SWARM)
         return info
 
+    def schedulable_nodes(self) -> list[str]:
+        """The ids of the nodes that can take tasks (ready, active), ordered by hostname."""
+        nodes = [n for n in self.api.client.nodes.list()
+                 if n.attrs["Status"]["State"] == "ready" and n.attrs["Spec"].get("Availability") == "active"]
+        return [n.id for n in sorted(nodes, key=lambda n: (n.attrs["Description"]["Hostname"], n.id))]
+
     def node_names(self) -> dict[str, str]:
         """Node id → hostname, for messages and records."""
         return {n.id: n.attrs["Description"]["Hostname"] for n in self.api.client.nodes.list()}
@@ -322,8 +362,11 @@ class SwarmEngine:
         resolved = resolve([override])
         # The image Compose would run this case's server with, unless --image names another.
         image = self.image or resolved["services"][SERVER_SERVICE]["image"]
+        unplaced = [s for s in services
+                    if not ((resolved["services"][s].get("deploy") or {}).get("placement") or {}).get("constraints")]
         stack = stack_file(resolved, services, image=image, labels=labels,
-                           deferred=[s for s in services if s != SERVER_SERVICE])
+                           deferred=[s for s in services if s != SERVER_SERVICE],
+                           default_placement=spread_placement(unplaced, self.schedulable_nodes()))
         path = record.with_name(record.name + ".stack.yaml")
         path.write_text(yaml.safe_dump(stack, sort_keys=False), encoding="utf-8")
         return SwarmLab(self, f"socklab-{name_hint}-{secrets.token_hex(3)}", path)

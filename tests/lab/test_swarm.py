@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from labkit import proc
 
@@ -51,7 +52,10 @@ def _labelled(kind: str, *filters: str) -> list[str]:
 
 def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
     node = proc.run(["docker", "info", "--format", "{{.Name}}"], timeout_s=30).stdout.strip()
-    done = _lab("run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--out", str(tmp_path))
+    # Placed where the experiment says (one node meets both constraints here).
+    done = _lab("run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--out", str(tmp_path),
+                "--set", "server.placement=node.role == manager",
+                "--set", f"clients.sender.placement=node.hostname == {node}")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     (cases,) = tmp_path.glob("*/*/cases.jsonl")
     by_mode = {}
@@ -73,7 +77,12 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
     assert server["bytes_received"] == nonblocking["bytes_accepted"]
     # Each case's stack file is kept with its override, and a trace came back from the task.
     run = cases.parent
-    assert len(list((run / "compose").glob("*.stack.yaml"))) == 2
+    stacks = sorted((run / "compose").glob("*.stack.yaml"))
+    assert len(stacks) == 2
+    for path in stacks:
+        services = yaml.safe_load(path.read_text())["services"]
+        assert services["server"]["deploy"]["placement"] == {"constraints": ["node.role == manager"]}
+        assert services["client-sender"]["deploy"]["placement"] == {"constraints": [f"node.hostname == {node}"]}
     assert len(list((run / "traces").glob("*.trace.gz"))) == 2
 
     cleaned = _lab("clean", "--engine", "swarm")

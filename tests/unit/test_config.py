@@ -1,6 +1,7 @@
 """Experiment files: good ones load with units parsed; bad ones name file, line, key."""
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,8 @@ from labkit.config import (
 )
 from socklab.errors import UsageError
 from socklab.shaping import LinkShape
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The example experiment from SPEC.md, verbatim.
 SPEC_EXAMPLE = """\
@@ -199,7 +202,7 @@ BAD = [
      "server.mode: 'fork' is not a server mode: use one of blocking, threaded, select, poll, epoll, asyncio"),
     ("name: t\nserver:\n  recv_size: 0\nclients:\n  - name: sender\n", 3, "server.recv_size: 0 is too small"),
     ("name: t\nserver:\n  idle: 5s\nclients:\n  - name: sender\n", 3,
-     "server.idle: unknown key for the server: use mode, recv_size, rcvbuf, link"),
+     "server.idle: unknown key for the server: use mode, recv_size, rcvbuf, placement, link"),
     ("name: t\nclients:\n  - name: sender\n    mode: async\n", 4,
      "clients[0].mode: 'async' is not a client mode: use one of blocking, nonblocking, nonblocking-spin, select, "
      "poll, epoll, asyncio, timeout"),
@@ -374,6 +377,20 @@ BAD = [
      "matrix.clients.sender.connections[1]: 30000 connections from one container need as many ephemeral ports"),
     ("- name: t\n", 1, "the file must be a mapping of keys"),
     ("# nothing here\n", None, "the file is empty"),
+    # Swarm placement: what Swarm itself would refuse only when the stack is deployed.
+    ("name: t\nserver:\n  placement: {node.hostname: vm1}\nclients:\n  - name: sender\n", 3,
+     "server.placement: a mapping is not a list of placement constraints: give one or more, each a "
+     "'- ' item (use ATTRIBUTE == VALUE or ATTRIBUTE != VALUE, with node.id, node.hostname, node.role"),
+    ("name: t\nclients:\n  - name: sender\n    placement: [node.hostname = vm2]\n", 4,
+     "clients[0].placement: 'node.hostname = vm2' is not a placement constraint: use ATTRIBUTE == VALUE or "
+     "ATTRIBUTE != VALUE, with node.id, node.hostname, node.role, node.platform.os, node.platform.arch, "
+     "node.labels.NAME or engine.labels.NAME (e.g. node.hostname == vm2)"),
+    ("name: t\nclients:\n  - name: sender\n    placement: [host == vm2]\n", 4,
+     "clients[0].placement: 'host == vm2' is not a placement constraint"),
+    ("name: t\nclients:\n  - name: sender\n    placement: ['node.role == leader']\n", 4,
+     "clients[0].placement: 'node.role == leader' is not a placement constraint: node.role is manager or worker"),
+    ("name: t\nclients:\n  - name: sender\n    placement: []\n", 4,
+     "clients[0].placement: the list of placement constraints is empty: give one or more, or leave placement out"),
 ]
 
 
@@ -532,3 +549,15 @@ def test_a_schedule_step_that_becomes_valid_through_an_earlier_step_loads():
                "  - {at: 2s, target: clients.sender, link: {delay: 4ms}}\n"
                "  - {at: 1s, target: clients.sender, link: {jitter: 1ms}}\n")
     assert [s.at_s for s in exp.schedule] == [2.0, 1.0]
+
+
+def test_dry_run_prints_every_service_of_a_case_and_where_a_swarm_places_it(capsys):
+    from labkit import cli
+    assert cli.main(["run", "--dry-run", str(ROOT / "configs" / "seed-demo.yaml"),
+                     "--set", "server.placement=node.role==manager"]) == 0
+    out = capsys.readouterr().out
+    case = out[out.index("case sender.mode=blocking:"):out.index("case sender.mode=nonblocking:")]
+    assert "  server: server --mode blocking --port 5000 " in case
+    assert "  server: on a swarm, placed by node.role == manager\n" in case
+    assert "  server-ready: as compose.yaml defines it\n" in case
+    assert "  client-sender: client --mode blocking --host server --port 5000 " in case

@@ -75,6 +75,25 @@ def test_override_declares_server_and_groups_with_replicas():
         "--chunk", "65536", "--trace", "/tmp/socklab-trace.gz"]
 
 
+def test_placement_goes_into_each_roles_deploy_and_nowhere_else():
+    override = scenario.compose_override(experiment(
+        "name: t\nserver: {placement: [node.hostname == vm1]}\nclients:\n"
+        "  - {name: near, replicas: 2, placement: ['node.labels.zone == a', 'node.role != manager']}\n"
+        "  - {name: far}\n"), "c1")
+    services = override["services"]
+    assert services["server"]["deploy"] == {"placement": {"constraints": ["node.hostname == vm1"]}}
+    assert services["client-near"]["deploy"] == {
+        "replicas": 2, "placement": {"constraints": ["node.labels.zone == a", "node.role != manager"]}}
+    assert services["client-far"]["deploy"] == {"replicas": 1}  # the engine decides
+    assert "deploy" not in services["server-ready"]
+    # Placement is part of what the containers are: other constraints, other kept containers.
+    elsewhere = scenario.compose_override(experiment(
+        "name: t\nserver: {placement: [node.hostname == vm2]}\nclients:\n"
+        "  - {name: near, replicas: 2, placement: ['node.labels.zone == a', 'node.role != manager']}\n"
+        "  - {name: far}\n"), "c1")
+    assert scenario.containers_key(override) != scenario.containers_key(elsewhere)
+
+
 @pytest.mark.parametrize("workload,expected", [
     ("{kind: echo, requests: 10, size: 2KiB, think: 5ms}",
      ["--requests", "10", "--size", "2048", "--think", "0.005s"]),

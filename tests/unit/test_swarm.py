@@ -14,8 +14,8 @@ from labkit import scenario
 from labkit.cli import build_parser
 from labkit.engine import LAB_LABEL, StartFailed, open_engine
 from labkit.engine import swarm
-from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, stack_file, task_container,
-                                 wait_for)
+from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, spread_placement, stack_file,
+                                 task_container, wait_for)
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.errors import EngineError
@@ -97,6 +97,51 @@ def test_deferred_services_start_with_no_replicas_and_say_how_many_they_get():
 
 # ------------------------------------------------------------------ waiting
 
+def test_without_placement_the_server_and_the_clients_go_on_different_nodes():
+    services = ["server", "client-a", "client-b", "client-c"]
+    assert spread_placement(services, ["n1"]) == {}  # one node: nothing to spread
+    assert spread_placement(services, ["n1", "n2", "n3"]) == {
+        "server": ["node.id == n1"], "client-a": ["node.id == n2"], "client-b": ["node.id == n3"],
+        "client-c": ["node.id == n2"]}
+    # The server placed by the experiment: the clients still keep off the first node.
+    assert spread_placement(["client-a"], ["n1", "n2"]) == {"client-a": ["node.id == n2"]}
+
+
+def test_the_experiments_placement_wins_over_the_spread():
+    resolved = resolved_case()
+    resolved["services"]["client-sender"]["deploy"]["placement"] = {"constraints": ["node.labels.zone == b"]}
+    stack = stack_file(resolved, ["server", "client-sender"], image="socklab:pinned", labels={LAB_LABEL: "true"},
+                       default_placement={"server": ["node.id == n1"], "client-sender": ["node.id == n2"]})
+    assert stack["services"]["server"]["deploy"]["placement"] == {"constraints": ["node.id == n1"]}
+    assert stack["services"]["client-sender"]["deploy"]["placement"] == {"constraints": ["node.labels.zone == b"]}
+    assert "placement" not in build()["services"]["server"]["deploy"]
+
+
+def test_only_ready_active_nodes_take_tasks_in_hostname_order():
+    @dataclass
+    class Node:
+        id: str
+        attrs: dict
+
+    def node(node_id, hostname, state="ready", availability="active"):
+        return Node(node_id, {"Description": {"Hostname": hostname}, "Status": {"State": state},
+                              "Spec": {"Availability": availability}})
+
+    nodes = [node("c", "vm2"), node("a", "vm3"), node("d", "vm0", state="down"),
+             node("e", "vm4", availability="drain"), node("b", "vm1")]
+
+    class Client:
+        class nodes:  # noqa: N801 (the SDK's attribute)
+            @staticmethod
+            def list():
+                return nodes
+
+    class API:
+        client = Client
+
+    assert SwarmEngine(API()).schedulable_nodes() == ["b", "c", "a"]
+
+
 def test_wait_for_returns_the_first_answer():
     answers = iter([None, None, "ready"])
     assert wait_for(lambda: next(answers), 5, "x", poll_s=0.001) == "ready"
@@ -149,11 +194,12 @@ class FakeService:
     states: list  # the states its tasks go through, one per look
     replicas: int = 1
     looks: int = 0
+    err: str = ""  # what the swarm says of its tasks
 
     def tasks(self):
         state = self.states[min(self.looks, len(self.states) - 1)]
         self.looks += 1
-        return [task(state, slot=n + 1, container=f"{self.name}-{n}") for n in range(self.replicas)]
+        return [task(state, slot=n + 1, container=f"{self.name}-{n}", err=self.err) for n in range(self.replicas)]
 
     def scale(self, replicas):
         self.replicas = replicas
@@ -271,6 +317,17 @@ def test_a_server_task_that_never_starts_fails_within_the_bound(tmp_path, monkey
     monkeypatch.setattr(swarm, "TASK_START_S", 0.1)
     with pytest.raises(StartFailed, match=r"the server's task did not start within 0.1 s"):
         lab.start(["server", "client-sender"])
+
+
+def test_a_placement_no_node_meets_fails_the_start_with_what_the_swarm_says(tmp_path, monkeypatch):
+    reason = "no suitable node (scheduling constraints not satisfied on 1 node)"
+    client = swarm_of(["pending"], ["running"])
+    client.services_by_name["server"].err = reason
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "TASK_START_S", 0.1)
+    with pytest.raises(StartFailed) as failed:
+        lab.start(["server", "client-sender"])
+    assert str(failed.value) == f"the server's task did not start within 0.1 s: the swarm says {reason!r}"
 
 
 def test_a_refused_client_task_fails_the_start(tmp_path, monkeypatch):
