@@ -25,6 +25,11 @@ SOCKLAB = ("python3", "-m", "socklab")
 
 
 PROBES = Path(__file__).resolve().parent / "probes"
+# What one benchmark container may hold (lab.py's container_memory): the bulk
+# points send payloads of up to 4 GiB (bench/fidelity.py, twice that while the
+# payload is built), on a machine with more memory than the lab's 1 GiB default
+# assumes of a user's.
+CONTAINER_MEMORY = "10GiB"
 
 
 def experiment(server: Mapping | None = None, *clients: Mapping, name: str = "bench") -> Experiment:
@@ -33,7 +38,7 @@ def experiment(server: Mapping | None = None, *clients: Mapping, name: str = "be
     ``clients`` are client groups (``{"name": "load", "mode": "poll", ...}``);
     without one, a single default group.
     """
-    document = {"name": name, "server": dict(server or {}),
+    document = {"name": name, "container_memory": CONTAINER_MEMORY, "server": dict(server or {}),
                 "clients": [dict(group) for group in clients] or [{"name": "load"}]}
     # JSON is YAML: the loader reads it with its line numbers, for its messages.
     return load_experiment_text(json.dumps(document, indent=1), f"bench/{name}.yaml")
