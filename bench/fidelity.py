@@ -44,6 +44,7 @@ from common import TCP_PAYLOAD_PER_FRAME, Log, figure, log_to_stderr  # noqa: E4
 from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
 from labkit.scenario import SERVER_PORT  # noqa: E402
 from socklab.errors import EngineError  # noqa: E402
+from socklab.results import FAILURE_ROLE  # noqa: E402
 
 BULK_PORT = SERVER_PORT
 ECHO_PORT = SERVER_PORT + 1
@@ -112,9 +113,8 @@ def _goodput_point(client: ClientRun, rate_mbit: float, seconds: int, **link: st
     script = (iperf3_json_script(f"-c server -t {seconds} -O 1") + "; "
               + _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload}))
     results, stdout = client(script, link_env(rate=f"{rate_mbit:g}mbit", **link), timeout_s=seconds * 4 + 120)
+    _raise_if_refused(results)
     iperf = json_after("iperf3 ", stdout)
-    if not iperf and results.get("error", {}).get("returncode") == EngineError.exit_code:
-        raise Unavailable(results["error"]["output"])  # the link was refused before iperf3 ran
     if not iperf or "error" in iperf or "client" not in results:
         raise RuntimeError(f"goodput at {rate_mbit} Mbit/s: {results.get('error') or (iperf or {}).get('error')}")
     return {"rate_mbit": rate_mbit, **link, "ceiling_bps": ceiling_bps,
@@ -125,6 +125,14 @@ def _goodput_point(client: ClientRun, rate_mbit: float, seconds: int, **link: st
 
 class Unavailable(RuntimeError):
     """The kernel cannot shape the link asked for (the lab's sentence says why)."""
+
+
+def _raise_if_refused(results: dict) -> None:
+    """:class:`Unavailable` with the entrypoint's sentence if it could not shape the link
+    (its failure line: an engine error, before any command of the point ran)."""
+    failure = results.get(FAILURE_ROLE) or {}
+    if failure.get("failed") == "entry" and failure.get("exit_code") == EngineError.exit_code:
+        raise Unavailable(failure["error"])
 
 
 def _goodput_figures(fid: str, name: str, rows: list[dict]) -> list[dict]:
@@ -165,7 +173,7 @@ def rate_delay_goodput(client: ClientRun, quick: bool, log: Log) -> tuple[list[d
         try:
             rows = [_goodput_point(client, rate, seconds, **link) for _ in range(repetitions)]
         except Unavailable as exc:
-            unavailable[backend] = _last_line(str(exc))
+            unavailable[backend] = str(exc)
             log(f"goodput through rate + delay, {backend}: not measured: {unavailable[backend]}")
             continue
         for row in rows:
@@ -176,21 +184,18 @@ def rate_delay_goodput(client: ClientRun, quick: bool, log: Log) -> tuple[list[d
     return figures, points, unavailable
 
 
-def _last_line(text: str) -> str:
-    return text.strip().splitlines()[-1] if text.strip() else "no output"
-
-
-def _ping_pong(client: ClientRun, env: dict, round_trip_ms: float) -> tuple[dict | None, str | None]:
+def _ping_pong(client: ClientRun, env: dict, round_trip_ms: float) -> dict:
     """The lab's echo client's round trips over a link made by ``env`` (and the delay line's
-    own lateness, where there is one); or the error."""
+    own lateness, where there is one). A link the kernel cannot shape raises :class:`Unavailable`."""
     requests = int(min(200, max(10, 3000 / max(round_trip_ms, 1))))
     results, _ = client(_lab_client(ECHO_PORT, {"kind": "echo", "size": PING_BYTES, "requests": requests}),
                         {**env, "SOCKLAB_REPORT_LINK": "1"})
+    _raise_if_refused(results)
     if "client" not in results:
-        return None, (results.get("error") or {}).get("output", "no result")
+        raise RuntimeError(f"round trip over {env}: {results.get(FAILURE_ROLE) or 'no result'}")
     line = (results.get("link") or {}).get("delay_line") or {}
     return {"p50_ms": results["client"]["latency_ms"]["p50"],
-            "late_ms_mean": {d: line[d].get("late_ms_mean") for d in ("up", "down") if d in line}}, None
+            "late_ms_mean": {d: line[d].get("late_ms_mean") for d in ("up", "down") if d in line}}
 
 
 def round_trip(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[dict], dict]:
@@ -198,31 +203,27 @@ def round_trip(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], li
     repetitions = 1 if quick else 3
     figures, points, unavailable = [], [], {}
     for backend in BACKENDS:
-        for delay in DELAYS_MS:
-            rows = []
-            for _ in range(repetitions):
-                base, error = _ping_pong(client, link_env(), 1.0)
-                if error:
-                    raise RuntimeError(f"unshaped round trip: {error}")
-                shaped, error = _ping_pong(client, link_env(delay=f"{delay}ms", backend=backend), 2 * delay)
-                if error:
-                    break
-                base_ms, shaped_ms = base["p50_ms"], shaped["p50_ms"]
-                rows.append({"backend": backend, "delay_ms": delay, "unshaped_ms": base_ms, "rtt_ms": shaped_ms,
-                             "expected_ms": 2 * delay + base_ms, "delay_line_late_ms_mean": shaped["late_ms_mean"]})
-                log(f"round trip, {backend}, {delay} ms each way: {shaped_ms:.3f} ms "
-                    f"(expected {2 * delay} + unshaped {base_ms:.3f})")
-            if error:
-                # The first delay tells whether this kernel has the backend at all.
-                sentence = _last_line(error)
-                log(f"round trip, {backend}: not measured: {sentence}")
-                unavailable[backend] = sentence
-                break
-            points += rows
-            figures.append(figure(
-                f"link.rtt.{backend}.{delay}ms", f"round trip, {delay} ms each way ({backend})", "ms",
-                [r["rtt_ms"] for r in rows], reference="2 x delay + unshaped round trip, same run",
-                reference_samples=[r["expected_ms"] for r in rows], target={"within": RTT_TOLERANCE}))
+        try:
+            for delay in DELAYS_MS:
+                rows = []
+                for _ in range(repetitions):
+                    base = _ping_pong(client, link_env(), 1.0)
+                    shaped = _ping_pong(client, link_env(delay=f"{delay}ms", backend=backend), 2 * delay)
+                    base_ms, shaped_ms = base["p50_ms"], shaped["p50_ms"]
+                    rows.append({"backend": backend, "delay_ms": delay, "unshaped_ms": base_ms,
+                                 "rtt_ms": shaped_ms, "expected_ms": 2 * delay + base_ms,
+                                 "delay_line_late_ms_mean": shaped["late_ms_mean"]})
+                    log(f"round trip, {backend}, {delay} ms each way: {shaped_ms:.3f} ms "
+                        f"(expected {2 * delay} + unshaped {base_ms:.3f})")
+                points += rows
+                figures.append(figure(
+                    f"link.rtt.{backend}.{delay}ms", f"round trip, {delay} ms each way ({backend})", "ms",
+                    [r["rtt_ms"] for r in rows], reference="2 x delay + unshaped round trip, same run",
+                    reference_samples=[r["expected_ms"] for r in rows], target={"within": RTT_TOLERANCE}))
+        except Unavailable as exc:
+            # The first delay tells whether this kernel has the backend at all.
+            unavailable[backend] = str(exc)
+            log(f"round trip, {backend}: not measured: {exc}")
     return figures, points, unavailable
 
 

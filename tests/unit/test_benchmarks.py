@@ -168,15 +168,16 @@ class FakeClient:
     """A ClientRun that answers as the image would: netem refused (this kernel has none),
     every other link carried at the figures given; it keeps each link it was asked for."""
 
-    REFUSAL = "socklab: the link asks for delay 20ms (up) but this kernel has no netem qdisc (kernel module sch_netem)"
+    REFUSAL = "the link asks for delay 20ms (up) but this kernel has no netem qdisc (kernel module sch_netem)"
 
     def __init__(self, iperf3_bps: float, lab_bps: float, rtt_ms: dict[str, float]):
         self.iperf3_bps, self.lab_bps, self.rtt_ms, self.links = iperf3_bps, lab_bps, rtt_ms, []
 
     def __call__(self, script, env, *, timeout_s=300):
         self.links.append(dict(env))
-        if env["SOCKLAB_LINK_BACKEND"] == "netem":
-            return {"error": {"returncode": 3, "output": f"starting\n{self.REFUSAL}\n"}}, ""
+        if env["SOCKLAB_LINK_BACKEND"] == "netem":  # the entrypoint's failure line, then its exit status
+            return {"error": {"socklab_result": 1, "role": "error", "failed": "entry", "error": self.REFUSAL,
+                              "exit_code": 3}}, ""
         if script.startswith("iperf3"):
             iperf = {"end": {"sum_received": {"bits_per_second": self.iperf3_bps}, "sum_sent": {"retransmits": 0}}}
             client = {"role": "client", "goodput_bps": self.lab_bps, "bytes_delivered": 1}
