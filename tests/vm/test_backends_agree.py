@@ -48,7 +48,7 @@ EXPERIMENTS = {
                    ["server.link", "clients.big.link", "clients.small.link"]),
     # A 64 KiB receive window over a 100 ms round trip.
     "send-buffer": (["--set", "clients.sender.mode=blocking", "--set", "clients.sender.sndbuf=1MiB",
-                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=4MB"],
+                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=8MB"],
                     ["clients.sender.link"]),
 }
 # What a run directory needs to be read back (report, compare); traces stay in the VM.
