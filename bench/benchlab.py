@@ -78,7 +78,8 @@ def case_runner(rundir: RunDir, progress: Log, **options: bool) -> CaseRunner:
     return CaseRunner(ComposeEngine(engine()), rundir, progress, owner=current_owner().labels(), **options)
 
 
-def _env_flags(env: Mapping[str, str]) -> list[str]:
+def env_flags(env: Mapping[str, str]) -> list[str]:
+    """``-e KEY=VALUE`` flags (docker run/exec, compose run) for ``env``."""
     return [flag for key, value in env.items() for flag in ("-e", f"{key}={value}")]
 
 
@@ -90,7 +91,7 @@ def start_container(lab: ComposeProject, service: str, name: str, command: Seque
     cannot meet another container under the service's alias.
     """
     lab.compose("run", "-d", "--name", name, "--label", f"{CONTAINER_LABEL}={name}",
-                *(["--use-aliases"] if aliases else []), *_env_flags(env), service, *command, timeout_s=120)
+                *(["--use-aliases"] if aliases else []), *env_flags(env), service, *command, timeout_s=120)
     (container,) = [c for c in engine().containers(lab.name, service) if c.name == name]
     return container
 
@@ -114,13 +115,18 @@ def exec_in(container: LabContainer, argv: Sequence[str], *, user: str = "",
 
 def run_in_client(lab: ComposeProject, script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
     """Run ``sh -c script`` in a fresh client container; its result lines by role, and its stdout."""
-    done = lab.compose("run", "--rm", "--use-aliases", *_env_flags(env), "client", "exec", "sh", "-c", script,
+    done = lab.compose("run", "--rm", "--use-aliases", *env_flags(env), "client", "exec", "sh", "-c", script,
                        timeout_s=timeout_s, check=False)
-    results = {r["role"]: r for r in find_results(done.stdout)}
-    if done.returncode != 0:
-        results.setdefault("error", {"returncode": done.returncode,
-                                     "output": (done.stdout + done.stderr)[-800:]})
-    return results, done.stdout
+    return client_results(done.stdout, done.stderr, done.returncode), done.stdout
+
+
+def client_results(stdout: str, stderr: str, returncode: int) -> dict:
+    """A point's result lines by role; unless it exited 0, an "error" entry with its exit
+    status and the end of its output (a role's own failure line, if it printed one, stays)."""
+    results = {r["role"]: r for r in find_results(stdout)}
+    if returncode != 0:
+        results.setdefault("error", {"returncode": returncode, "output": (stdout + stderr)[-800:]})
+    return results
 
 
 def json_after(prefix: str, stdout: str) -> dict | None:

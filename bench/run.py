@@ -8,10 +8,10 @@
 Benchmarks, not tests: each measures on real containers of a project of its
 own (removed afterwards) and reports figures against references measured in
 the same run; `vm` does so inside a QEMU VM with a stock kernel (netem), so it
-needs root and what .ci/prepare-host.sh installs. The results file is written again after each benchmark, so an
-interrupted run keeps what it measured. Exit status 0 when every benchmark
-ran (a missed target is a finding, not a failure), 1 when one could not run,
-2 for bad arguments.
+needs root and what .ci/prepare-host.sh installs. The results file is written
+again after each benchmark, so an interrupted run keeps what it measured. Exit
+status 0 when every benchmark ran (a missed target is a finding, not a
+failure), 1 when one could not run, 2 for bad arguments.
 """
 
 from __future__ import annotations

@@ -29,14 +29,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlab import client_results, env_flags  # noqa: E402
 from common import Log, log_to_stderr  # noqa: E402
-from experiments import probe_command  # noqa: E402
-from fidelity import rate_delay_goodput, round_trip, server_command  # noqa: E402
+from experiments import SOCKLAB, probe_command  # noqa: E402
+from fidelity import ClientRun, rate_delay_goodput, round_trip, server_command  # noqa: E402
+from socklab.entry import ENV_KEEP  # noqa: E402
 from tests.vm.fabric import Fabric, Vm, build_image, missing_prerequisite  # noqa: E402
-from tests.vm.guestlab import BASE_IMAGE, GUEST_TREE, GuestProject, working_tree_tar  # noqa: E402
+from tests.vm.guestlab import BASE_IMAGE, GuestProject, install_lab  # noqa: E402
 
 MEMORY_MIB = 1024
 TIMER_SLEEP_MS, TIMER_SLEEPS = 1, 400
@@ -76,13 +79,19 @@ def timer_note(lateness: dict) -> str:
             "waits on such a timer in each direction, netem's in the kernel and the delay line's in its process.")
 
 
-def prepare(vm: Vm, log: Log) -> None:
-    """The working tree's lab in the VM, its image built there."""
-    started = time.monotonic()
-    vm.put("/root/socklab.tar.gz", working_tree_tar())
-    vm.sh(f"rm -rf {GUEST_TREE} && mkdir -p {GUEST_TREE} && tar -xzf /root/socklab.tar.gz -C {GUEST_TREE}")
-    vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
-    log(f"lab image built in the VM in {time.monotonic() - started:.0f} s")
+def kept_client(lab: GuestProject) -> ClientRun:
+    """Points in ``lab``'s kept client container, each started as lab.py's --reuse starts a role.
+
+    The image's entrypoint, told the container is kept, forgets the kernel's
+    TCP metrics, shapes the link from the point's SOCKLAB_LINK_* variables,
+    runs the script unprivileged and removes the link again.
+    """
+    def run_point(script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
+        done = lab.vm.exec(["docker", "exec", *env_flags({**env, ENV_KEEP: "1"}), lab.client_container,
+                            *SOCKLAB, "entry", "exec", "sh", "-c", script], timeout_s=timeout_s)
+        returncode = done.returncode if not done.timed_out else 124  # as coreutils' timeout says it
+        return client_results(done.stdout, done.stderr, returncode), done.stdout
+    return run_point
 
 
 def run(quick: bool, log: Log) -> dict:
@@ -98,19 +107,22 @@ def run(quick: bool, log: Log) -> dict:
             fabric.wait_docker()
             (vm,) = fabric.vms
             log(f"VM up with Docker in {time.monotonic() - started:.0f} s")
-            prepare(vm, log)
+            install_lab(vm)
+            log(f"lab image built in the VM {time.monotonic() - started:.0f} s after the start")
             lab = GuestProject(vm, command=server_command(SERVER_MODE))
             try:
-                rtt_figures, rtt_points, rtt_unavailable = round_trip(lab.run_in_client, quick, log)
-                goodput_figures, goodput_points, unavailable = rate_delay_goodput(lab.run_in_client, quick, log)
+                client = kept_client(lab)
+                rtt_figures, rtt_points, rtt_unavailable = round_trip(client, quick, log)
+                goodput_figures, goodput_points, unavailable = rate_delay_goodput(client, quick, log)
             finally:
                 lab.down()
             about = machine(vm, fabric.specs[0].accel)
             lateness = timer_lateness(vm)
-            log(timer_note(lateness))
+    note = timer_note(lateness)
+    log(note)
     return {
         "figures": [{**f, "id": f"vm.{f['id']}"} for f in rtt_figures + goodput_figures],
-        "details": {"machine": about, "notes": [timer_note(lateness)], "timer_lateness": lateness,
+        "details": {"machine": about, "notes": [note], "timer_lateness": lateness,
                     "server_mode": SERVER_MODE, "round_trip": rtt_points,
                     "rate_delay": goodput_points, "backends_unavailable": {**unavailable, **rtt_unavailable}},
     }

@@ -66,6 +66,11 @@ def escape_dollars(value: str) -> str:
     return value.replace("$", "$$")
 
 
+def placement_of(service: Mapping[str, Any]) -> list[str]:
+    """A resolved Compose service's placement constraints (the experiment's), or none."""
+    return list(((service.get("deploy") or {}).get("placement") or {}).get("constraints") or [])
+
+
 def spread_placement(services: Sequence[str], node_ids: Sequence[str]) -> dict[str, list[str]]:
     """Constraints that put the server on one node and the client services on the others.
 
@@ -118,8 +123,7 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
         service["deploy"] = {"replicas": 0 if name in deferred else replicas,
                              "restart_policy": {"condition": "none"},
                              "endpoint_mode": "dnsrr", "labels": dict(service_labels)}
-        constraints = (((spec.get("deploy") or {}).get("placement") or {}).get("constraints")
-                       or (default_placement or {}).get(name))
+        constraints = placement_of(spec) or (default_placement or {}).get(name)
         if constraints:
             service["deploy"]["placement"] = {"constraints": list(constraints)}
         out[name] = service
@@ -362,8 +366,7 @@ class SwarmEngine:
         resolved = resolve([override])
         # The image Compose would run this case's server with, unless --image names another.
         image = self.image or resolved["services"][SERVER_SERVICE]["image"]
-        unplaced = [s for s in services
-                    if not ((resolved["services"][s].get("deploy") or {}).get("placement") or {}).get("constraints")]
+        unplaced = [s for s in services if not placement_of(resolved["services"][s])]
         stack = stack_file(resolved, services, image=image, labels=labels,
                            deferred=[s for s in services if s != SERVER_SERVICE],
                            default_placement=spread_placement(unplaced, self.schedulable_nodes()))

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from .fabric import Fabric, Vm, build_image, missing_prerequisite
-from .guestlab import BASE_IMAGE, GUEST_TREE, working_tree_tar
+from .guestlab import BASE_IMAGE, install_lab
 
 # Every timing of the tier's set-up, printed at the end of the session (pytest -s or -rA).
 TIMINGS: dict[str, float] = {}
@@ -57,12 +57,8 @@ def lab_vm(fabric) -> Vm:
     """vm0 with the working tree at GUEST_TREE and the lab image built there."""
     vm = fabric.vms[0]
     started = time.monotonic()
-    vm.put("/root/socklab.tar.gz", working_tree_tar())
-    vm.sh(f"rm -rf {GUEST_TREE} && mkdir -p {GUEST_TREE} && tar -xzf /root/socklab.tar.gz -C {GUEST_TREE}")
-    TIMINGS["working tree into the VM"] = time.monotonic() - started
-    started = time.monotonic()
-    vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
-    TIMINGS["lab image built in the VM"] = time.monotonic() - started
+    install_lab(vm)
+    TIMINGS["working tree into the VM, lab image built there"] = time.monotonic() - started
     return vm
 
 

@@ -15,10 +15,9 @@ import shlex
 import subprocess
 import tarfile
 from pathlib import Path
-from typing import Mapping
 
 from labkit.compose import READY_SERVICE
-from socklab.entry import ENV_KEEP, FLUSH_TCP_METRICS
+from socklab.entry import FLUSH_TCP_METRICS
 from socklab.results import find_results
 
 from .fabric import FabricError, GuestResult, Vm
@@ -42,6 +41,13 @@ def working_tree_tar() -> bytes:
             if name.startswith(LAB_PATHS) and (ROOT / name).is_file():
                 tar.add(ROOT / name, arcname=name, recursive=False)
     return buffer.getvalue()
+
+
+def install_lab(vm: Vm) -> None:
+    """The working tree's lab at GUEST_TREE in ``vm``, its image built there (from BASE_IMAGE)."""
+    vm.put("/root/socklab.tar.gz", working_tree_tar())
+    vm.sh(f"rm -rf {GUEST_TREE} && mkdir -p {GUEST_TREE} && tar -xzf /root/socklab.tar.gz -C {GUEST_TREE}")
+    vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
 
 
 def in_tree(vm: Vm, argv: list[str], timeout_s: float = 600, env: dict | None = None) -> GuestResult:
@@ -130,23 +136,6 @@ class GuestProject:
             raise FabricError(f"the client printed no result:\n{done.stdout}\n{done.stderr}")
         assert found[0]["errors"] == [], found[0]
         return {"client": found[0], "link": json.loads(shown)}
-
-    def run_in_client(self, script: str, env: Mapping[str, str], *, timeout_s: float = 300) -> tuple[dict, str]:
-        """``sh -c script`` in the kept client container, started as lab.py's --reuse starts a role.
-
-        The image's entrypoint, told the container is kept, forgets the kernel's
-        TCP metrics, shapes the link from ``env`` (SOCKLAB_LINK_*), runs the
-        script unprivileged and removes the link again. Its result lines by role
-        (an "error" entry when it failed) and its stdout, as the benchmarks'
-        run_in_client returns them for a fresh container on the host.
-        """
-        flags = [flag for key, value in {**env, ENV_KEEP: "1"}.items() for flag in ("-e", f"{key}={value}")]
-        done = self.vm.exec(["docker", "exec", *flags, self.client_container, "python3", "-m", "socklab", "entry",
-                             "exec", "sh", "-c", script], timeout_s=timeout_s)
-        results = {r["role"]: r for r in find_results(done.stdout)}
-        if done.returncode != 0 or done.timed_out:
-            results.setdefault("error", {"returncode": done.returncode, "output": (done.stdout + done.stderr)[-800:]})
-        return results, done.stdout
 
     def down(self) -> None:
         """Remove the project (tolerating a VM that is already gone)."""
