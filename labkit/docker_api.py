@@ -183,6 +183,34 @@ class DockerAPI:
             if "is not running" not in str(exc):
                 raise _convert(f"signal {container.name}", exc) from None
 
+    def task(self, task_id: str) -> dict | None:
+        """A swarm task as the manager knows it (Status, NodeID, ...); None once the swarm forgot it."""
+        try:
+            return self._client.api.inspect_task(task_id)
+        except docker.errors.NotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise _convert(f"inspect task {task_id}", exc) from None
+
+    def task_logs(self, task_id: str, stderr: bool = True) -> str:
+        """What a swarm task printed (stdout; with stderr too unless told not), wherever it ran.
+
+        The manager relays it from the task's node. The SDK has no call of its own
+        for one task's logs (only a whole service's): the engine API's, through
+        the SDK's request helpers.
+        """
+        api = self._client.api
+        try:
+            response = api._get(api._url("/tasks/{0}/logs", task_id),
+                                params={"stdout": 1, "stderr": int(stderr)}, stream=True)
+            api._raise_for_status(response)
+            raw = b"".join(api._get_result_tty(True, response, False))
+        except docker.errors.NotFound:
+            return ""  # the swarm forgot the task: nothing left to read
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise _convert(f"read the logs of task {task_id}", exc) from None
+        return raw.decode("utf-8", "replace")
+
     def _collection(self, kind: str):
         return {"containers": self._client.containers, "networks": self._client.networks,
                 "volumes": self._client.volumes}[kind]

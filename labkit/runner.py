@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 from socklab.entry import ENV_KEEP
 from socklab.errors import EngineError, SocklabError
 from socklab.results import find_results
+from socklab.servers.lifecycle import LISTENING_LINE
 
 from . import records, scenario
 from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
@@ -42,7 +43,7 @@ SERVER_LISTEN_S = 60.0
 # Below the Docker SDK's connection pool (10), so no request waits for a connection.
 COLLECT_WORKERS = 8
 Progress = Callable[[str], None]
-SERVER_LISTENING = "socklab server listening on"
+SERVER_LISTENING = LISTENING_LINE
 
 
 @dataclass

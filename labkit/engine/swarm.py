@@ -15,9 +15,16 @@ from Compose, and why:
   answer from the local node and skip the remote task's link;
 - an internal attachable overlay per case (its MTU is 1450, not 1500).
 
-A task's container is reached through the Docker SDK of the engine it runs
-on; on a single-node swarm that is the manager's own engine (see
-:meth:`SwarmLab.containers`).
+Only the manager's engine is reached (local socket, DOCKER_HOST or a
+context), so what the lab does with a task goes through the swarm wherever
+the task runs: its state and exit status are the task's, its output is the
+task's log (relayed by the manager), a file it leaves (a trace) comes back in
+that log (the entrypoint prints it at the end, SOCKLAB_EMIT_FILES), and the
+server's readiness is the line it prints once it listens. What the swarm
+cannot do — exec into a container or signal it — is done on the container's
+own node: through the SDK when that is the manager's node (:class:`SdkNode`),
+else by a one-shot task placed there with the node's engine socket mounted,
+which runs ``socklab node`` (:class:`TaskNode`).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -32,10 +40,14 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import yaml
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from socklab.entry import ENV_EMIT_FILES
+from socklab.results import find_files, find_results
+from socklab.servers.lifecycle import LISTENING_LINE
+
 from .. import proc
 from ..compose import COMPOSE_FILE, READY_SERVICE, SERVER_SERVICE, ComposeProject
-from ..scenario import SERVER_PORT
-from .base import LAB_LABEL, Finding, LabContainer, LabObject
+from ..scenario import SERVER_PORT, TRACE_PATH
+from .base import LAB_LABEL, Finding, LabContainer, LabObject, RoleHandle
 from .compose import ComposeEngine, SdkContainers
 from .errors import ContainerGone, EngineError, LabEngineError, StartFailed
 
@@ -43,15 +55,18 @@ STACK_LABEL = "com.docker.stack.namespace"
 NETWORK = "lab"
 IMAGE_ENV = "SOCKLAB_IMAGE"  # what --image sets when it is not given on the command line
 SCALE_KEY = "x-socklab-scale"  # the stack file's own note of the replicas set once the server listens
-# compose.yaml's gate (`entry ready`), asked once per exec: whether the server's port listens yet.
-SERVER_PORT_PROBE = ["python3", "-m", "socklab", "entry", "ready", str(SERVER_PORT), "0s"]
 TASK_START_S = 60.0
+NODE_TASK_S = 120.0  # a one-shot task on a node (doctor's probe, an exec or a signal there)
+NODES_FRESH_S = 1.0  # how old the list of nodes (and which are down) may be
 SERVER_LISTEN_S = 60.0
 DOWN_S = 60.0
 POLL_S = 0.25
 # Task states (docker/swarmkit) once a task's container exists, and the ones that mean it never will.
 STARTED_STATES = frozenset({"running", "complete", "failed", "shutdown"})
 REFUSED_STATES = frozenset({"rejected", "orphaned", "remove"})
+ENDED_STATES = frozenset({"complete", "failed", "shutdown"}) | REFUSED_STATES
+# The node's engine socket, mounted into a one-shot task that acts on a container there.
+ENGINE_SOCKET = "/var/run/docker.sock"
 # Keys of a resolved Compose service that a stack does not take (depends_on, build, healthcheck:
 # readiness is waited for here) or that the stack sets itself (image, networks, deploy, labels).
 _CARRIED = ("command", "environment", "cap_add", "init")
@@ -112,9 +127,10 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
                 service[key] = spec[key]
         if "command" in service:
             service["command"] = [escape_dollars(str(word)) for word in service["command"]]
-        if "environment" in service:
-            service["environment"] = {k: escape_dollars("" if v is None else str(v))
-                                      for k, v in service["environment"].items()}
+        # A trace comes back in the task's log: nothing can copy it off another node.
+        service["environment"] = {**{k: escape_dollars("" if v is None else str(v))
+                                     for k, v in (service.get("environment") or {}).items()},
+                                  ENV_EMIT_FILES: TRACE_PATH}
         service_labels = {**(spec.get("labels") or {}), **labels}
         service["labels"] = service_labels
         service["networks"] = [NETWORK]
@@ -178,14 +194,124 @@ def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str,
                         node_names.get(task.get("NodeID", ""), ""))
 
 
+def task_exit_code(task: Mapping[str, Any] | None) -> int | None:
+    """How a task's container ended: None while it has not (or never had one)."""
+    status = (task or {}).get("Status") or {}
+    if status.get("State") not in ENDED_STATES:
+        return None
+    code = (status.get("ContainerStatus") or {}).get("ExitCode")
+    return None if code is None else int(code)
+
+
 @dataclass
-class SwarmLab(SdkContainers):
-    """One stack of the lab; its tasks' containers reached through the Docker SDK."""
+class TaskRole:
+    """A role that is its task's main process, on whichever node the task runs."""
+
+    lab: "SwarmLab"
+    container: LabContainer
+
+    def _task(self) -> dict:
+        task = self.lab.api.task(self.lab.task_id(self.container))
+        if task is None:
+            raise ContainerGone(f"the task of {self.container.name} disappeared while its case ran "
+                                "(its stack removed from outside the run?)")
+        return task
+
+    def _ended(self) -> bool:
+        """Whether the task has ended; ContainerGone if its node was lost first (the task went with it)."""
+        task = self._task()
+        if (task.get("Status") or {}).get("State") in ENDED_STATES:
+            return True
+        lost = self.lab.engine.lost_node(task.get("NodeID", ""))
+        if lost:
+            raise ContainerGone(f"node {lost} was lost while the case ran, and {self.container.service}'s "
+                                "task with it (the swarm says the node is down)")
+        return False
+
+    def running(self) -> bool:
+        return not self._ended()
+
+    def exit_code(self) -> int | None:
+        return task_exit_code(self._task()) if self._ended() else None
+
+    def stop(self) -> None:
+        if self.running():
+            self.lab.node_of(self.container).kill(self.container)
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _log(self, stderr: bool) -> str:
+        task = self._task()
+        if self.lab.engine.lost_node(task.get("NodeID", "")):
+            return ""  # the log stayed on the lost node: asking the manager for it would only wait
+        return self.lab.api.task_logs(task["ID"], stderr=stderr)
+
+    def stdout(self) -> str:
+        return self._log(stderr=False)
+
+    def output(self) -> str:
+        return self._log(stderr=True)
+
+
+class SdkNode(SdkContainers):
+    """The manager's own node: its containers through the Docker SDK, as Compose's are."""
+
+    def __init__(self, api: Any):
+        self.api = api
+
+    def kill(self, container: LabContainer) -> None:
+        self.api.kill(container, "SIGTERM")
+
+
+@dataclass
+class TaskNode:
+    """Another node of the swarm: exec and signals by a one-shot task placed there (``socklab node``)."""
+
+    engine: "SwarmEngine"
+    node_id: str
+    image: str
+    lab: "SwarmLab"
+
+    def _ask(self, argv: Sequence[str]) -> dict:
+        out = self.engine.run_on_node(self.node_id, self.image, ["python3", "-m", "socklab", "node", *argv],
+                                      mount_engine=True)
+        answers = [r for r in find_results(out) if r.get("role") in ("node", "error")]
+        if not answers or answers[-1].get("role") != "node":
+            said = answers[-1].get("error") if answers else out.strip()[-300:]
+            raise LabEngineError(f"the task sent to node {self.engine.node_names().get(self.node_id, self.node_id)} "
+                                 f"could not {argv[0]} there: {said or 'it printed nothing'}")
+        return answers[-1]
+
+    def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
+        answer = self._ask(["exec", container.id, *argv])
+        return int(answer["exit_code"]), str(answer["output"])
+
+    def kill(self, container: LabContainer) -> None:
+        self._ask(["kill", container.id, "SIGTERM"])
+
+    def read_file(self, container: LabContainer, path: str) -> bytes | None:
+        """A file the task's entrypoint printed into its log once its role ended (SOCKLAB_EMIT_FILES)."""
+        return find_files(self.lab.api.task_logs(self.lab.task_id(container), stderr=False)).get(path)
+
+    def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
+                   remove_first: Sequence[str] = ()) -> RoleHandle:
+        raise LabEngineError(
+            f"--reuse keeps containers and runs each case's roles in them by docker exec, which the swarm "
+            f"cannot do on another node than the manager's ({container.name} is on {container.node}); "
+            "run without --reuse, or place the experiment's services on the manager's node")
+
+
+@dataclass
+class SwarmLab:
+    """One stack of the lab: tasks through the swarm, exec and signals on each task's own node."""
 
     engine: "SwarmEngine"
     name: str
     stack_path: Path | None = None
-    _containers: list[LabContainer] = field(default_factory=list)
+    _tasks_by_container: dict[str, dict] = field(default_factory=dict)
 
     @property
     def api(self) -> Any:
@@ -205,10 +331,25 @@ class SwarmLab(SdkContainers):
                 tasks.append({**task, "_service": service.name})
         return tasks
 
+    def _containers_of(self, tasks: Sequence[dict], *, strict: bool) -> list[LabContainer]:
+        """The tasks' containers, remembering each one's task; refused tasks raise if ``strict``."""
+        nodes = self.engine.node_names()
+        found = []
+        for task in tasks:
+            try:
+                container = task_container(task, self.name, nodes)
+            except StartFailed:
+                if strict:
+                    raise
+                continue
+            if container is not None:
+                self._tasks_by_container[container.id] = task
+                found.append(container)
+        return found
+
     def _started(self, short: str, count: int) -> list[LabContainer] | None:
         """The containers of ``short``'s tasks once ``count`` have started; StartFailed if one was refused."""
-        nodes = self.engine.node_names()
-        found = [c for c in (task_container(t, self.name, nodes) for t in self._tasks(short)) if c]
+        found = self._containers_of(self._tasks(short), strict=True)
         return sorted(found, key=lambda c: c.number) if len(found) >= count else None
 
     def _why_waiting(self, short: str) -> str:
@@ -216,6 +357,31 @@ class SwarmLab(SdkContainers):
         said = {(t.get("Status") or {}).get("Err") for t in self._tasks(short)
                 if (t.get("Status") or {}).get("State") not in STARTED_STATES}
         return "; ".join(sorted(f"the swarm says {reason!r}" for reason in said if reason))
+
+    def task_id(self, container: LabContainer) -> str:
+        """The id of the task whose container ``container`` is."""
+        task = self._tasks_by_container.get(container.id)
+        if task is None:
+            self.containers()
+            task = self._tasks_by_container.get(container.id)
+        if task is None:
+            raise ContainerGone(f"no task of stack {self.name} has container {container.name}")
+        return task["ID"]
+
+    def node_of(self, container: LabContainer) -> "SdkNode | TaskNode":
+        """How to reach ``container``'s node: the SDK on the manager's, a one-shot task on another."""
+        self.task_id(container)
+        node_id = self._tasks_by_container[container.id].get("NodeID", "")
+        if node_id == self.engine.local_node_id():
+            return SdkNode(self.api)
+        return TaskNode(self.engine, node_id, self.image(), self)
+
+    def image(self) -> str:
+        """The image of the stack's tasks (what a one-shot task on one of its nodes runs too)."""
+        if self.stack_path is not None:
+            stack = yaml.safe_load(self.stack_path.read_text(encoding="utf-8"))
+            return stack["services"][SERVER_SERVICE]["image"]
+        return self.engine.lab_image()
 
     def start(self, services: Sequence[str]) -> None:
         if self.stack_path is None:
@@ -243,10 +409,13 @@ class SwarmLab(SdkContainers):
                      f"the tasks of {short} did not all start", why=lambda short=short: self._why_waiting(short))
 
     def _listening(self, server: LabContainer) -> bool | None:
-        if not self.running(server):
+        """Whether the server said it listens (its log, from any node); StartFailed if it ended first."""
+        role = TaskRole(self, server)
+        if LISTENING_LINE in role.output():
+            return True
+        if not role.running():
             raise StartFailed("the server's task ended before it listened")
-        code, _ = self.api.exec(server, SERVER_PORT_PROBE)
-        return True if code == 0 else None
+        return None
 
     def _scale(self, short: str, replicas: int) -> None:
         (service,) = [s for s in self._services() if s.name == f"{self.name}_{short}"]
@@ -256,16 +425,24 @@ class SwarmLab(SdkContainers):
     # ------------------------------------------------------- the Lab interface
 
     def containers(self, service: str | None = None) -> list[LabContainer]:
-        nodes = self.engine.node_names()
-        found = []
-        for task in self._tasks(service):
-            try:
-                container = task_container(task, self.name, nodes)
-            except StartFailed:
-                continue
-            if container is not None:
-                found.append(container)
+        found = self._containers_of(self._tasks(service), strict=False)
         return sorted(found, key=lambda c: (c.service, c.number))
+
+    def running(self, container: LabContainer) -> bool:
+        return TaskRole(self, container).running()
+
+    def main_role(self, container: LabContainer) -> RoleHandle:
+        return TaskRole(self, container)
+
+    def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
+                   remove_first: Sequence[str] = ()) -> RoleHandle:
+        return self.node_of(container).start_role(container, role_argv, env, remove_first)
+
+    def exec(self, container: LabContainer, argv: Sequence[str]) -> tuple[int, str]:
+        return self.node_of(container).exec(container, argv)
+
+    def read_file(self, container: LabContainer, path: str) -> bytes | None:
+        return self.node_of(container).read_file(container, path)
 
     def down(self) -> None:
         proc.run(["docker", "stack", "rm", self.name], check=False, timeout_s=120)
@@ -290,6 +467,8 @@ class SwarmEngine:
     def __init__(self, api: Any = None, image: str | None = None):
         self._compose = ComposeEngine(api)
         self.image = image or os.environ.get(IMAGE_ENV) or None
+        self._local_node_id: str | None = None
+        self._nodes_seen: tuple[float, list[Any]] | None = None
 
     @property
     def api(self) -> Any:
@@ -310,7 +489,23 @@ class SwarmEngine:
 
     def node_names(self) -> dict[str, str]:
         """Node id → hostname, for messages and records."""
-        return {n.id: n.attrs["Description"]["Hostname"] for n in self.api.client.nodes.list()}
+        return {n.id: n.attrs["Description"]["Hostname"] for n in self._nodes()}
+
+    def _nodes(self) -> list[Any]:
+        """The swarm's nodes, asked at most once per NODES_FRESH_S: every running role asks of its node."""
+        now = time.monotonic()
+        if self._nodes_seen is None or now - self._nodes_seen[0] > NODES_FRESH_S:
+            self._nodes_seen = (now, self.api.client.nodes.list())
+        return self._nodes_seen[1]
+
+    def lost_node(self, node_id: str) -> str:
+        """The hostname of ``node_id`` if the swarm says it is down (or no longer knows it); else empty."""
+        if not node_id:
+            return ""
+        for node in self._nodes():
+            if node.id == node_id:
+                return node.attrs["Description"]["Hostname"] if node.attrs["Status"]["State"] == "down" else ""
+        return node_id
 
     def versions(self) -> dict[str, Any]:
         versions = self._compose.versions()
@@ -377,31 +572,52 @@ class SwarmEngine:
     def attach(self, name: str) -> SwarmLab:
         return SwarmLab(self, name)
 
-    def probe_node(self, node_id: str, image: str) -> tuple[str, dict]:
-        """The kernel release and ``shape caps`` of one node, from a one-shot task placed on it."""
-        from docker.types import RestartPolicy
+    def local_node_id(self) -> str:
+        """The id of the node whose engine the Docker client reaches (the manager's)."""
+        if self._local_node_id is None:
+            self._local_node_id = self._swarm().get("NodeID", "")
+        return self._local_node_id
 
-        script = "uname -r && exec python3 -m socklab entry shape caps --json"
+    def run_on_node(self, node_id: str, image: str, command: Sequence[str], *, mount_engine: bool = False) -> str:
+        """Run ``command`` (instead of the entrypoint: no link, as root) once, as a task placed on
+        ``node_id``; its stdout.
+
+        ``mount_engine``: the node's engine socket is mounted (``socklab node``
+        acts on a container there). StartFailed if the task is refused or does
+        not end within NODE_TASK_S.
+        """
+        from docker.types import Mount, RestartPolicy
+
+        mounts = [Mount(ENGINE_SOCKET, ENGINE_SOCKET, type="bind")] if mount_engine else []
         service = self.api.client.services.create(
-            image, command=["sh", "-c", script], name=f"socklab-doctor-{secrets.token_hex(3)}",
+            image, command=list(command), name=f"socklab-node-{secrets.token_hex(3)}",
             constraints=[f"node.id == {node_id}"], restart_policy=RestartPolicy(condition="none"),
-            cap_add=["NET_ADMIN"], labels={LAB_LABEL: "true"}, container_labels={LAB_LABEL: "true"})
+            cap_add=["NET_ADMIN"], mounts=mounts, labels={LAB_LABEL: "true"}, container_labels={LAB_LABEL: "true"})
         try:
-            def ended() -> bool | None:
+            def ended() -> str | None:
                 for task in service.tasks():
-                    state = task["Status"]["State"]
-                    if state in REFUSED_STATES or state == "failed":
+                    state = (task.get("Status") or {}).get("State")
+                    if state in REFUSED_STATES:
                         raise StartFailed(task["Status"].get("Err") or state)
-                    if state == "complete":
-                        return True
+                    if state in ENDED_STATES:
+                        return task["ID"]
                 return None
 
-            wait_for(ended, TASK_START_S, "the probe task did not end")
-            out = b"".join(service.logs(stdout=True, stderr=False)).decode("utf-8", "replace")
+            task_id = wait_for(ended, NODE_TASK_S, f"the task on node {self.node_names().get(node_id, node_id)} "
+                                                   "did not end")
+            return self.api.task_logs(task_id, stderr=False)
         finally:
             service.remove()
+
+    def probe_node(self, node_id: str, image: str) -> tuple[str, dict]:
+        """The kernel release and ``shape caps`` of one node, from a one-shot task placed on it."""
+        out = self.run_on_node(node_id, image, ["sh", "-c",
+                                                "uname -r && exec python3 -m socklab entry shape caps --json"])
         kernel, _, caps = out.partition("\n")
-        return kernel.strip(), json.loads(caps)
+        try:
+            return kernel.strip(), json.loads(caps)
+        except ValueError:
+            raise StartFailed(f"the probe printed no capabilities: {out.strip()[-300:] or 'nothing'}") from None
 
     def probe(self, role_argv: Sequence[str]) -> str:
         info = self._swarm()

@@ -16,6 +16,7 @@ ROLES = {
     "shape": "socklab.shaping",
     "entry": "socklab.entry",
     "summary": "socklab.summary",
+    "node": "socklab.node",
 }
 
 

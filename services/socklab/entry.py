@@ -40,7 +40,7 @@ import sys
 import time
 
 from .errors import SocklabError, UsageError
-from .results import ENV_FAILURE_LINE, emit_failure, emit_result
+from .results import ENV_FAILURE_LINE, emit_failure, emit_file, emit_result
 from .units import parse_duration_s
 
 WORKLOAD_USER = "socklab"
@@ -48,6 +48,9 @@ WORKLOAD_USER = "socklab"
 _ROOT_ROLES = {"shape"}
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 ENV_KEEP = "SOCKLAB_KEEP_CONTAINER"
+# Files (paths, space-separated) printed into the log once the role has ended: where
+# the orchestrator cannot copy them out of the container (a task on another node).
+ENV_EMIT_FILES = "SOCKLAB_EMIT_FILES"
 FLUSH_TCP_METRICS = ["ip", "tcp_metrics", "flush", "all"]
 
 
@@ -228,6 +231,8 @@ def main(argv: list[str]) -> int:
     final = stop_delay_line()
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
         report_link(final)
+    for path in os.environ.get(ENV_EMIT_FILES, "").split():
+        emit_file(path)
     if kept:
         shaping.remove_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
     return code

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from labkit import proc
+from labkit import cli, proc
+from labkit.engine.swarm import SwarmEngine
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.docker
@@ -123,4 +124,34 @@ def test_an_interrupted_swarm_run_removes_its_stack_and_resumes(swarm, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     records = [json.loads(line) for line in (rundir / "cases.jsonl").read_text().splitlines()]
     assert sorted(r["params"]["clients.sender.mode"] for r in records) == ["blocking", "nonblocking"]
+    _nothing_of_the_lab_left()
+
+
+def test_tasks_on_another_node_are_reached_through_the_swarm(swarm, tmp_path, monkeypatch):
+    """The path a multi-node swarm takes, on this one node: the engine is told that no task runs on
+    the manager's node, so nothing goes through the SDK of the engine the tasks run on. Output and
+    exit status come from the task (its log, relayed by the manager), the trace in that log, and the
+    server's stop and the schedule step's `shape set` by one-shot tasks placed on the node
+    (`socklab node` with the node's engine socket)."""
+    monkeypatch.setattr(SwarmEngine, "local_node_id", lambda self: "a node other than this one")
+    node = proc.run(["docker", "info", "--format", "{{.Name}}"], timeout_s=30).stdout.strip()
+    seed = tmp_path / "seed"
+    assert cli.main(["run", str(ROOT / "configs/seed-demo.yaml"), "--engine", "swarm", "--repeat", "1",
+                     "--out", str(seed), "--set", "clients.sender.mode=blocking"]) == 0
+    (cases,) = seed.glob("*/*/cases.jsonl")
+    (record,) = [json.loads(line) for line in cases.read_text().splitlines()]
+    assert record["status"] == "ok" and all(e["passed"] for e in record["expectations"]), record
+    assert record["nodes"] == {"server": node, "sender": node}
+    # The server's figures exist only once it was stopped (by a task) and printed them.
+    assert record["server"]["bytes_received"] == TUTORIAL_BYTES
+    assert len(list((cases.parent / "traces").glob("*.trace.gz"))) == 1
+    # 200 round trips of 40-80 ms: a step made a second or two late by the task that makes it
+    # still leaves most of them behind the new delay.
+    step = tmp_path / "step"
+    assert cli.main(["run", str(ROOT / "tests/link-step.yaml"), "--engine", "swarm", "--out", str(step),
+                     "--set", "clients.pinger.workload.requests=200"]) == 0
+    (cases,) = step.glob("*/*/cases.jsonl")
+    (record,) = [json.loads(line) for line in cases.read_text().splitlines()]
+    assert record["status"] == "ok" and all(e["passed"] for e in record["expectations"]), record
+    assert record["clients"][0]["latency_ms"]["p90"] > 55, record["clients"][0]["latency_ms"]
     _nothing_of_the_lab_left()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -12,13 +13,16 @@ import yaml
 
 from labkit import scenario
 from labkit.cli import build_parser
-from labkit.engine import LAB_LABEL, StartFailed, open_engine
+from labkit.engine import LAB_LABEL, ContainerGone, LabEngineError, StartFailed, open_engine
 from labkit.engine import swarm
 from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, spread_placement, stack_file,
                                  task_container, wait_for)
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
+from socklab.entry import ENV_EMIT_FILES
 from socklab.errors import EngineError
+from socklab.results import emit_file
+from socklab.servers.lifecycle import LISTENING_LINE
 
 from .fake_engine import FakeEngine, real_like
 from .test_runner import cases
@@ -83,7 +87,8 @@ def test_labels_go_on_services_and_their_containers_with_the_owner():
 def test_dollars_are_escaped_and_unset_variables_are_empty():
     sender = build()["services"]["client-sender"]
     assert sender["command"] == ["client", "--pattern", "costs $$5\n"]
-    assert sender["environment"] == {"SOCKLAB_LINK_RATE": "100mbit", "SOCKLAB_LINK_DELAY": ""}
+    assert sender["environment"] == {"SOCKLAB_LINK_RATE": "100mbit", "SOCKLAB_LINK_DELAY": "",
+                                     ENV_EMIT_FILES: scenario.TRACE_PATH}
     # The stack file survives YAML as it is saved into the run directory.
     assert yaml.safe_load(yaml.safe_dump(build()))["services"]["client-sender"]["command"][2] == "costs $$5\n"
 
@@ -197,9 +202,14 @@ class FakeService:
     err: str = ""  # what the swarm says of its tasks
 
     def tasks(self):
-        state = self.states[min(self.looks, len(self.states) - 1)]
+        found = self.current()
         self.looks += 1
-        return [task(state, slot=n + 1, container=f"{self.name}-{n}", err=self.err) for n in range(self.replicas)]
+        return found
+
+    def current(self):
+        state = self.states[min(self.looks, len(self.states) - 1)]
+        return [{**task(state, slot=n + 1, container=f"{self.name}-{n}", err=self.err), "ID": f"{self.name}-t{n}"}
+                for n in range(self.replicas)]
 
     def scale(self, replicas):
         self.replicas = replicas
@@ -207,9 +217,21 @@ class FakeService:
 
 
 @dataclass
+class FakeNode:
+    id: str
+    state: str
+
+    @property
+    def attrs(self):
+        return {"Description": {"Hostname": f"vm-{self.id}"}, "Status": {"State": self.state},
+                "Spec": {"Availability": "active"}}
+
+
+@dataclass
 class FakeClient:
     services_by_name: dict
-    swarm: dict = field(default_factory=lambda: {"LocalNodeState": "active", "ControlAvailable": True})
+    swarm: dict = field(default_factory=lambda: {"LocalNodeState": "active", "ControlAvailable": True,
+                                                 "NodeID": "n1"})
 
     @property
     def services(self):
@@ -221,11 +243,16 @@ class FakeClient:
 
         return Services()
 
+    down: set = field(default_factory=set)  # the nodes the swarm says are down
+
     @property
     def nodes(self):
+        client = self
+
         class Nodes:
             def list(self):
-                return []
+                return [FakeNode(node_id, "down" if node_id in client.down else "ready")
+                        for node_id in ("n1", "n2")]
 
         return Nodes()
 
@@ -262,16 +289,31 @@ class FakeClient:
 @dataclass
 class FakeAPI:
     client: FakeClient
-    listening_after: int = 0  # how many probes of the port fail first
+    listening_after: int = 0  # how many reads of the server's log come before it says it listens
     server_running: bool = True
     probes: int = 0
+    logs: dict = field(default_factory=dict)  # a task's stdout, by task id
+    execs: list = field(default_factory=list)
+
+    def task_logs(self, task_id, stderr=True):
+        if task_id.startswith("st_server"):
+            self.probes += 1
+            return f"{LISTENING_LINE} 0.0.0.0:5000 mode=blocking\n" if self.probes > self.listening_after else ""
+        return self.logs.get(task_id, "")
+
+    def task(self, task_id):
+        for service in self.client.services_by_name.values():
+            for found in service.current():
+                if found["ID"] == task_id:
+                    if service.name == "st_server" and not self.server_running:
+                        found["Status"] = {**found["Status"], "State": "complete",
+                                           "ContainerStatus": {"ContainerID": "x", "ExitCode": 1}}
+                    return found
+        return None
 
     def exec(self, container, argv):
-        self.probes += 1
-        return (0 if self.probes > self.listening_after else 1), ""
-
-    def state(self, container):
-        return {"Running": self.server_running or container.service != "server"}
+        self.execs.append((container.id, list(argv)))
+        return 0, "through the SDK"
 
 
 def fake_lab(tmp_path, monkeypatch, api: FakeAPI) -> SwarmLab:
@@ -333,7 +375,7 @@ def test_a_placement_no_node_meets_fails_the_start_with_what_the_swarm_says(tmp_
 def test_a_refused_client_task_fails_the_start(tmp_path, monkeypatch):
     client = swarm_of(["running"], ["rejected"])
     lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
-    with pytest.raises(StartFailed, match=r"client-sender\.1 was rejected"):
+    with pytest.raises(StartFailed, match=r"client-sender\.1 on node vm-n1 was rejected"):
         lab.start(["server", "client-sender"])
 
 
@@ -373,3 +415,87 @@ def test_down_waits_for_the_tasks_containers_without_inspecting_vanishing_ones(t
     lab.down()
     assert lab.deployed == [["docker", "stack", "rm", "st"]]
     assert client.container_listings == 2  # listed until the container was gone
+
+
+# ------------------------------------------- tasks on the manager's node and others
+
+def lab_on(tmp_path, monkeypatch, local_node: str) -> tuple[SwarmLab, FakeAPI, list]:
+    """A started lab whose tasks run on node n1, seen from a manager that is node ``local_node``."""
+    client = swarm_of(["running"], ["running"])
+    client.swarm["NodeID"] = local_node
+    api = FakeAPI(client)
+    lab = fake_lab(tmp_path, monkeypatch, api)
+    asked = []
+
+    def run_on_node(node_id, image, command, *, mount_engine=False):
+        asked.append((node_id, image, list(command), mount_engine))
+        action = command[4]
+        answer = {"exit_code": 7, "output": "by a task there"} if action == "exec" else {"delivered": True}
+        return '{"socklab_result":1,"role":"node","action":"%s",%s}\n' % (action, json.dumps(answer)[1:-1])
+
+    monkeypatch.setattr(lab.engine, "run_on_node", run_on_node)
+    lab.start(["server", "client-sender"])
+    return lab, api, asked
+
+
+def test_a_role_is_its_task_its_output_the_tasks_log_wherever_it_runs(tmp_path, monkeypatch):
+    lab, api, _ = lab_on(tmp_path, monkeypatch, local_node="n2")
+    sender = lab.containers("client-sender")[0]
+    api.logs["st_client-sender-t0"] = '{"socklab_result":1,"role":"client"}\n'
+    role = lab.main_role(sender)
+    assert role.running() and role.exit_code() is None
+    api.client.services_by_name["client-sender"].states = ["failed"]
+    api.client.services_by_name["client-sender"].current = lambda: [
+        {**task("failed", slot=1, container="st_client-sender-0"), "ID": "st_client-sender-t0",
+         "Status": {"State": "failed", "ContainerStatus": {"ContainerID": "st_client-sender-0", "ExitCode": 3}}}]
+    assert not role.running() and role.exit_code() == 3
+    assert role.stdout() == '{"socklab_result":1,"role":"client"}\n'
+
+
+def test_on_the_managers_node_exec_goes_through_the_sdk(tmp_path, monkeypatch):
+    lab, api, asked = lab_on(tmp_path, monkeypatch, local_node="n1")
+    sender = lab.containers("client-sender")[0]
+    assert lab.exec(sender, ["true"]) == (0, "through the SDK")
+    assert api.execs == [("st_client-sender-0", ["true"])] and asked == []
+
+
+def test_on_another_node_exec_and_signals_go_by_a_task_placed_there(tmp_path, monkeypatch):
+    lab, api, asked = lab_on(tmp_path, monkeypatch, local_node="n2")
+    sender = lab.containers("client-sender")[0]
+    assert lab.exec(sender, ["python3", "-m", "socklab", "shape", "set", "delay=5ms"]) == (7, "by a task there")
+    lab.main_role(sender).stop()
+    assert api.execs == []
+    assert asked == [
+        ("n1", "socklab:pinned", ["python3", "-m", "socklab", "node", "exec", "st_client-sender-0", "python3", "-m",
+                                  "socklab", "shape", "set", "delay=5ms"], True),
+        ("n1", "socklab:pinned", ["python3", "-m", "socklab", "node", "kill", "st_client-sender-0", "SIGTERM"], True)]
+
+
+def test_a_trace_on_another_node_comes_back_in_the_tasks_log(tmp_path, monkeypatch, capsys):
+    lab, api, _ = lab_on(tmp_path, monkeypatch, local_node="n2")
+    sender = lab.containers("client-sender")[0]
+    trace = tmp_path / "trace.gz"
+    trace.write_bytes(bytes(range(256)) * 40)
+    assert emit_file(str(trace))
+    printed = capsys.readouterr().out
+    api.logs["st_client-sender-t0"] = '{"socklab_result":1,"role":"client"}\n' + printed
+    assert lab.read_file(sender, str(trace)) == trace.read_bytes()
+    assert lab.read_file(sender, "/tmp/not-printed") is None
+
+
+def test_reuse_on_another_node_is_refused_with_why(tmp_path, monkeypatch):
+    lab, _, _ = lab_on(tmp_path, monkeypatch, local_node="n2")
+    sender = lab.containers("client-sender")[0]
+    with pytest.raises(LabEngineError, match=r"^--reuse keeps containers .* on another node than the manager's"):
+        lab.start_role(sender, ["client"], {})
+
+
+def test_a_role_on_a_lost_node_is_gone_with_the_nodes_name_and_its_log_is_not_waited_for(tmp_path, monkeypatch):
+    lab, api, _ = lab_on(tmp_path, monkeypatch, local_node="n2")
+    monkeypatch.setattr(swarm, "NODES_FRESH_S", 0.0)
+    role = lab.main_role(lab.containers("client-sender")[0])
+    api.logs["st_client-sender-t0"] = "never read"
+    api.client.down.add("n1")
+    with pytest.raises(ContainerGone, match=r"^node vm-n1 was lost while the case ran, and client-sender's task"):
+        role.running()
+    assert role.stdout() == ""

@@ -20,6 +20,8 @@ from ..results import cpu_seconds, emit_result, peak_rss_kib
 from .connection import Connection, format_peer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What the server prints on stderr once it listens: the orchestrator waits for it.
+LISTENING_LINE = "socklab server listening on"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class Server:
                 self.listen()
                 assert self.listener is not None
                 port = self.listener.getsockname()[1]
-                print(f"socklab server listening on {self.config.host}:{port} mode={self.config.mode}",
+                print(f"{LISTENING_LINE} {self.config.host}:{port} mode={self.config.mode}",
                       file=sys.stderr, flush=True)
                 self.strategy.run(self)
             finally:
