@@ -37,9 +37,6 @@ from socklab.errors import SocklabError  # noqa: E402
 Log = Callable[[str], None]
 RESULTS_DIR = ROOT / "bench" / "results"
 RESULTS_SCHEMA = "socklab-bench/1"
-# TCP payload per Ethernet frame with timestamps (1448 of 1514 bytes on the wire):
-# the most goodput a shaped rate can give.
-TCP_PAYLOAD_PER_FRAME = 1448 / 1514
 
 
 def log_to_stderr(text: str) -> None:

@@ -40,11 +40,12 @@ from typing import Mapping, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlab import build_image, iperf3_json_script, json_after, run_in_client, server_lab  # noqa: E402
-from common import TCP_PAYLOAD_PER_FRAME, Log, figure, log_to_stderr  # noqa: E402
+from common import Log, figure, log_to_stderr  # noqa: E402
 from experiments import SOCKLAB, client_argv, link_env, server_argv  # noqa: E402
 from labkit.scenario import SERVER_PORT  # noqa: E402
 from socklab.errors import EngineError  # noqa: E402
 from socklab.results import FAILURE_ROLE  # noqa: E402
+from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
 
 BULK_PORT = SERVER_PORT
 ECHO_PORT = SERVER_PORT + 1
@@ -108,7 +109,7 @@ def _lab_client(port: int, workload: dict, mode: str = "blocking", trace: bool =
 def _goodput_point(client: ClientRun, rate_mbit: float, seconds: int, **link: str) -> dict:
     """iperf3 then the lab client through one link shaped to ``rate_mbit`` (and ``link``'s other
     keys); both goodputs in bit/s. A link the kernel cannot shape raises :class:`Unavailable`."""
-    ceiling_bps = rate_mbit * 1e6 * TCP_PAYLOAD_PER_FRAME
+    ceiling_bps = tcp_ceiling_bps(rate_mbit * 1e6)
     payload = int(ceiling_bps / 8 * (seconds - 1))
     script = (iperf3_json_script(f"-c server -t {seconds} -O 1") + "; "
               + _lab_client(BULK_PORT, {"kind": "bulk", "bytes": payload}))

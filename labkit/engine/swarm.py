@@ -33,6 +33,7 @@ import json
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -243,17 +244,11 @@ class TaskRole:
         while self.running() and time.monotonic() < deadline:
             time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
-    def _log(self, stderr: bool) -> str:
-        task = self._task()
-        if self.lab.engine.lost_node(task.get("NodeID", "")):
-            return ""  # the log stayed on the lost node: asking the manager for it would only wait
-        return self.lab.api.task_logs(task["ID"], stderr=stderr)
-
     def stdout(self) -> str:
-        return self._log(stderr=False)
+        return self.lab.task_log(self.container, stderr=False)
 
     def output(self) -> str:
-        return self._log(stderr=True)
+        return self.lab.task_log(self.container, stderr=True)
 
 
 class SdkNode(SdkContainers):
@@ -294,7 +289,7 @@ class TaskNode:
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
         """A file the task's entrypoint printed into its log once its role ended (SOCKLAB_EMIT_FILES)."""
-        return find_files(self.lab.api.task_logs(self.lab.task_id(container), stderr=False)).get(path)
+        return find_files(self.lab.task_log(container, stderr=False)).get(path)
 
     def start_role(self, container: LabContainer, role_argv: Sequence[str], env: Mapping[str, str],
                    remove_first: Sequence[str] = ()) -> RoleHandle:
@@ -367,6 +362,16 @@ class SwarmLab:
         if task is None:
             raise ContainerGone(f"no task of stack {self.name} has container {container.name}")
         return task["ID"]
+
+    def task_log(self, container: LabContainer, stderr: bool) -> str:
+        """What ``container``'s task printed (stdout; with stderr too if asked), relayed by the manager.
+
+        Empty when its node was lost: the log stayed there, and asking for it would only wait.
+        """
+        task_id = self.task_id(container)
+        if self.engine.lost_node(self._tasks_by_container[container.id].get("NodeID", "")):
+            return ""
+        return self.api.task_logs(task_id, stderr=stderr)
 
     def node_of(self, container: LabContainer) -> "SdkNode | TaskNode":
         """How to reach ``container``'s node: the SDK on the manager's, a one-shot task on another."""
@@ -531,17 +536,21 @@ class SwarmEngine:
         findings.append(Finding("swarm", True, f"a manager; {info.get('Nodes')} node(s), "
                                                f"{info.get('Managers')} manager(s)"))
         image = self.lab_image()
-        for node in self.api.client.nodes.list():
+        nodes = sorted(self.api.client.nodes.list(), key=lambda n: n.attrs["Description"]["Hostname"])
+
+        def probed(node: Any) -> Finding:
             desc = node.attrs["Description"]
-            name = desc["Hostname"]
             state = node.attrs["Status"]["State"]
             try:
                 kernel, caps = self.probe_node(node.id, image)
-                detail = (f"{state}, engine {desc['Engine']['EngineVersion']}, kernel {kernel}, "
-                          f"backend {backend_of(caps)}, has {image}")
-                findings.append(Finding(f"node {name}", True, detail))
-            except (StartFailed, ValueError) as exc:
-                findings.append(Finding(f"node {name}", False, f"{state}; the probe task failed: {exc}"))
+            except (StartFailed, LabEngineError) as exc:
+                return Finding(f"node {desc['Hostname']}", False, f"{state}; the probe task failed: {exc}")
+            return Finding(f"node {desc['Hostname']}", True, f"{state}, engine {desc['Engine']['EngineVersion']}, "
+                                                           f"kernel {kernel}, backend {backend_of(caps)}, has {image}")
+
+        # Each probe is a task on its node: side by side, doctor takes one task's time, not one per node.
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(nodes)))) as pool:
+            findings += list(pool.map(probed, nodes))
         return findings
 
     def build_image(self) -> None:
@@ -652,8 +661,8 @@ class SwarmEngine:
             except docker.errors.NotFound:
                 return True
             except docker.errors.APIError as exc:
-                if "active endpoints" in str(exc):
-                    return None  # its tasks' containers are still going away
+                if "active endpoints" in str(exc) or "in use by task" in str(exc):
+                    return None  # its tasks' containers (here, or on another node) are still going away
                 raise LabEngineError(f"Docker could not remove {obj.name}: {exc}") from None
             return True
 

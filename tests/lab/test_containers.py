@@ -15,14 +15,13 @@ import time
 import pytest
 
 from labkit import proc
+from socklab.shaping.plan import tcp_ceiling_bps
 from socklab.units import parse_rate_bps
 
 from .conftest import iperf3_bps, result_of
 
 pytestmark = pytest.mark.docker
 
-# TCP payload per Ethernet frame with timestamps: what a shaped link can carry.
-TCP_CEILING = 1448 / 1514
 RATE_TOLERANCE = 0.07
 SERVER_ENV = {"SERVER_MODE": "threaded", "SERVER_MAX_CONNECTIONS": "1000000"}
 UNSHAPED_CLIENT = {"CLIENT_LINK_RATE": ""}
@@ -35,7 +34,7 @@ def bulk_client(*, megabytes: int, host: str = "server") -> list[str]:
 
 
 def assert_near_ceiling(measured_bps: float, rate: str, what: str) -> None:
-    ceiling = parse_rate_bps(rate) * TCP_CEILING
+    ceiling = tcp_ceiling_bps(parse_rate_bps(rate))
     ratio = measured_bps / ceiling
     assert abs(ratio - 1) <= RATE_TOLERANCE, (
         f"{what}: {measured_bps / 1e6:.2f} Mbit/s is {ratio:.3f} x the {rate} ceiling "

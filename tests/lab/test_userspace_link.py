@@ -20,12 +20,12 @@ import pytest
 from labkit import proc
 from labkit.compose import COMPOSE_FILE, ComposeProject
 from socklab.results import find_results
+from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
 pytestmark = pytest.mark.docker
 
 ROOT = Path(__file__).resolve().parents[2]
-TCP_CEILING = 1448 / 1514
 # An echo client's link raised from 10 to 30 ms each way by a schedule step (shared with the VM tier).
 LINK_STEP = ROOT / "tests" / "link-step.yaml"
 SERVER_ARGS = ["server", "--mode", "threaded", "--port", "5000", "--max-connections", "1000"]
@@ -132,7 +132,7 @@ def test_rate_and_delay_reach_the_tcp_ceiling(project, tmp_path):
     results = client(lab, {"RATE": "10mbit", "DELAY": "50ms"},
                      "--mode", "blocking", "--workload", "bulk", "--bytes", "12MB")
     goodput_bps = results["client"]["goodput_bps"]
-    ceiling_bps = 10e6 * TCP_CEILING
+    ceiling_bps = tcp_ceiling_bps(10e6)
     print(f"10mbit + 50 ms each way: goodput {goodput_bps / 1e6:.3f} Mbit/s = {goodput_bps / ceiling_bps:.3f} "
           f"x the TCP ceiling {ceiling_bps / 1e6:.3f}")
     assert within(goodput_bps / ceiling_bps, 1, 0.10)
@@ -182,7 +182,7 @@ def test_window_limited_goodput_is_window_over_rtt(project, tmp_path):
     # expects to fill with payload: between the 64 KiB asked for and twice that.
     assert 64 * 1024 <= window_bytes <= 2 * 64 * 1024
     # Well under the link's ceiling, so the window, not the rate, is what limits.
-    assert law_bps < 0.8 * 10e6 * TCP_CEILING
+    assert law_bps < 0.8 * tcp_ceiling_bps(10e6)
     assert within(goodput_bps / law_bps, 1, 0.15)
 
 

@@ -46,7 +46,7 @@ from socklab.shaping import (
     seed_from_env,
     show_link,
 )
-from socklab.shaping.plan import qdisc_teardown
+from socklab.shaping.plan import qdisc_teardown, tcp_ceiling_bps
 from socklab.shaping.runner import prefixed
 from socklab.shaping.show import link_mtus, parse_qdisc_json, parse_qdisc_text
 
@@ -1020,3 +1020,9 @@ def test_userspace_backend_delays_changes_and_goes_away(pair, tmp_path):
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("mtu, payload, frame", [(1500, 1448, 1514), (1450, 1398, 1464), (9000, 8948, 9014)])
+def test_the_tcp_ceiling_is_full_segments_payload_per_frame_at_the_devices_mtu(mtu, payload, frame):
+    assert tcp_ceiling_bps(10e6, mtu) == pytest.approx(10e6 * payload / frame)
+    assert tcp_ceiling_bps(10e6) == pytest.approx(10e6 * 1448 / 1514)

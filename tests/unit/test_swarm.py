@@ -498,4 +498,4 @@ def test_a_role_on_a_lost_node_is_gone_with_the_nodes_name_and_its_log_is_not_wa
     api.client.down.add("n1")
     with pytest.raises(ContainerGone, match=r"^node vm-n1 was lost while the case ran, and client-sender's task"):
         role.running()
-    assert role.stdout() == ""
+    assert role.stdout() == "" and lab.read_file(role.container, scenario.TRACE_PATH) is None

@@ -24,15 +24,15 @@ from pathlib import Path
 
 import pytest
 
+from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import in_tree
+from .guestlab import in_tree, unshaped_after_idle_ms
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("netem", "userspace")
-TCP_CEILING = 1448 / 1514
 
 # name: (the narrowing, the links whose backend is set)
 EXPERIMENTS = {
@@ -46,9 +46,11 @@ EXPERIMENTS = {
     "lossy-link": (["--set", "server.link.loss=5%", "--set", "clients.big.workload.requests=20",
                     "--set", "clients.small.workload.requests=100"],
                    ["server.link", "clients.big.link", "clients.small.link"]),
-    # A 64 KiB receive window over a 100 ms round trip.
+    # A 64 KiB receive window over a 100 ms round trip. 16 MB: the slow start weighs little
+    # against the experiment's bound (0.85 window / RTT): over 8 MB the delay line, whose
+    # crossings add to the RTT under an emulated CPU, measured 4.44 against 4.46 Mbit/s.
     "send-buffer": (["--set", "clients.sender.mode=blocking", "--set", "clients.sender.sndbuf=1MiB",
-                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=8MB"],
+                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=16MB"],
                     ["clients.sender.link"]),
 }
 # What a run directory needs to be read back (report, compare); traces stay in the VM.
@@ -123,7 +125,7 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
 def test_goodput_through_rate_and_delay_agrees(runs):
     netem, userspace = (client(case(runs["seed-demo"][b], **{"sender.mode": "blocking"}), "sender")
                         for b in BACKENDS)
-    ceiling_bps = 10e6 * TCP_CEILING
+    ceiling_bps = tcp_ceiling_bps(10e6)
     print(f"10 Mbit/s + 20 ms each way, 10 MB: netem {netem['goodput_bps'] / 1e6:.3f}, delay line "
           f"{userspace['goodput_bps'] / 1e6:.3f} Mbit/s (ceiling {ceiling_bps / 1e6:.3f})")
     assert 0.95 <= userspace["goodput_bps"] / netem["goodput_bps"] <= 1.05
@@ -170,7 +172,18 @@ def _ms_per_packet(line: dict) -> float:
     return 1000 * line["cpu_s"] / max(1, line["up"]["packets"] + line["down"]["packets"])
 
 
-def test_round_trips_and_repairs_under_loss(runs):
+def wake_after_idle_ms(echo_lab) -> float:
+    """What an emulated process's wake-up costs more after 20 ms of idle than back to back.
+
+    An unshaped ping-pong wakes two processes per round trip (the server for
+    the request, the client for the reply), so half the difference between its
+    round trip after 20 ms of think time and back to back.
+    """
+    idle_ms, busy_ms = (unshaped_after_idle_ms(echo_lab, think_ms, 30) for think_ms in (20, 0))
+    return max(0.0, (idle_ms - busy_ms) / 2)
+
+
+def test_round_trips_and_repairs_under_loss(runs, echo_lab):
     figures = {b: records(runs["lossy-link"][b])[0] for b in BACKENDS}
     small = {b: client(r, "small")["latency_ms"] for b, r in figures.items()}
     big = {b: client(r, "big") for b, r in figures.items()}
@@ -183,8 +196,13 @@ def test_round_trips_and_repairs_under_loss(runs):
     # Most tiny requests meet no loss: their median is the link's round trip. On the
     # delay line such a round trip crosses two lines (the client's and the server's)
     # twice each, and on an emulated CPU each crossing costs about what the line
-    # spends per packet, which its own counters say (natively ~0.05 ms, here 0.5-1 ms).
-    crossings_ms = 2 * _ms_per_packet(lines["server"]) + 2 * _ms_per_packet(lines["small"])
+    # spends per packet, which its own counters say (natively ~0.05 ms, here 0.5-1 ms),
+    # and the line's wake-up after it idled, which the VM's ping-pong measures (0.18 ms
+    # in a run on one CI machine; on another, 7.9 ms of crossings in all failed a bound
+    # of 6.9 without it).
+    wake_ms = wake_after_idle_ms(echo_lab)
+    crossings_ms = 2 * _ms_per_packet(lines["server"]) + 2 * _ms_per_packet(lines["small"]) + 4 * wake_ms
+    print(f"crossings of the delay lines: {crossings_ms:.3f} ms, with a wake after idle of {wake_ms:.3f} ms each")
     tolerance_ms = max(1.0, 0.05 * small["netem"]["p50"])
     assert small["netem"]["p50"] - tolerance_ms <= small["userspace"]["p50"] \
         <= small["netem"]["p50"] + crossings_ms + tolerance_ms

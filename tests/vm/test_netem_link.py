@@ -17,33 +17,19 @@ from pathlib import Path
 
 import pytest
 
+from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import GuestProject, in_tree, netem_qdiscs
+from .guestlab import ECHO, GuestProject, in_tree, netem_qdiscs, unshaped_after_idle_ms
 
 # The first test of a session also waits for the image (built once, ~6 min) and the boots.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
-TCP_CEILING = 1448 / 1514
-ECHO = ["--mode", "blocking", "--workload", "echo", "--size", "64"]
 BULK = ["--mode", "blocking", "--workload", "bulk"]
 
 
 def within(measured: float, expected: float, tolerance: float) -> bool:
     return abs(measured - expected) <= tolerance
-
-
-@pytest.fixture(scope="module")
-def echo_lab(lab_vm):
-    # The iterative server: it waits in recv() alone. Under an emulated CPU the
-    # lab's other servers take longer to wake after an idle gap than between
-    # back-to-back requests, which a delayed link makes part of every round trip:
-    # with a bare ping-pong client through 20 ms of netem, measured 20.50 ms p50
-    # behind blocking, 21.33 behind threaded and 22.01 behind epoll (0.27-0.36 ms
-    # unshaped behind each). That is the emulated server, not the link.
-    lab = GuestProject(lab_vm, "--mode", "blocking", "--workload", "echo")
-    yield lab
-    lab.down()
 
 
 @pytest.fixture(scope="module")
@@ -69,32 +55,17 @@ DELAYS = [(5, "up"), (5, "both"), (20, "up"), (20, "both"), (100, "up"), (100, "
 ATTEMPTS = 3
 
 
-def unshaped_after_idle_ms(echo_lab, idle_ms: float, requests: str) -> float:
-    """The unshaped round trip (p50) when each request follows ``idle_ms`` of nothing.
-
-    Under an emulated CPU a process that waited longer wakes slower: back to
-    back, the unshaped round trip was 0.41 ms; after 20 ms of idle, 0.9-1.2 ms;
-    after 40 ms, 1.3 ms. Through a delayed link both roles wait that long
-    before each request and each reply, so the delay is judged against the
-    unshaped round trip with the same wait (the client's think time), measured
-    in the same attempt; kernel-only pings through netem in the same VM showed
-    netem itself within 0.4 ms of 20 ms.
-    """
-    results = echo_lab.client([], *ECHO, "--requests", requests, "--think", f"{idle_ms:g}ms")
-    return results["client"]["latency_ms"]["p50"]
-
-
 def test_delay_fidelity_rtt_against_the_unshaped_vm(echo_lab):
     rows, failures = [], []
     for delay_ms, directions in DELAYS:
         key = {"up": "up.delay", "both": "delay"}[directions]
         configured_ms = delay_ms * (2 if directions == "both" else 1)
-        requests = "30" if configured_ms <= 50 else "15"
+        requests = 30 if configured_ms <= 50 else 15
         for attempt in range(1, ATTEMPTS + 1):
             unshaped_rtt_ms = unshaped_after_idle_ms(echo_lab, configured_ms, requests)
             expected_ms = configured_ms + unshaped_rtt_ms
             tolerance_ms = max(1.0, 0.05 * expected_ms)
-            results = echo_lab.client([f"{key}={delay_ms}ms"], *ECHO, "--requests", requests)
+            results = echo_lab.client([f"{key}={delay_ms}ms"], *ECHO, "--requests", str(requests))
             latency = results["client"]["latency_ms"]
             tcp_ms, p50_ms = results["client"]["tcp"]["rtt_ms"], latency["p50"]
             held = within(tcp_ms, expected_ms, tolerance_ms) and within(p50_ms, expected_ms, tolerance_ms)
@@ -174,7 +145,7 @@ def test_rate_and_delay_reach_the_tcp_ceiling(bulk_lab):
     # rate) costs 3 % of it, where over 8 MB it cost the 5 % the bound allows.
     results = bulk_lab.client(["rate=10mbit", "delay=50ms"], *BULK, "--bytes", "16MB")
     goodput_bps = results["client"]["goodput_bps"]
-    ceiling_bps = 10e6 * TCP_CEILING
+    ceiling_bps = tcp_ceiling_bps(10e6)
     print(f"10mbit + 50 ms each way: goodput {goodput_bps / 1e6:.3f} Mbit/s = {goodput_bps / ceiling_bps:.3f} "
           f"x the TCP ceiling {ceiling_bps / 1e6:.3f}; unshaped in this VM {unshaped / 1e6:.1f} Mbit/s")
     # The VM's own speed is far above the link's, so the link is what limits.
@@ -206,28 +177,34 @@ def test_each_direction_has_its_own_shape(bulk_lab, unshaped_rtt_ms):
     goodput_bps = results["client"]["goodput_bps"]
     tcp_ms = results["client"]["tcp"]["rtt_ms"]
     print(f"up 5mbit, down 30 ms: goodput {goodput_bps / 1e6:.3f} Mbit/s "
-          f"({goodput_bps / (5e6 * TCP_CEILING):.3f} x ceiling); TCP rtt {tcp_ms:.2f} ms; up qdiscs {up_kinds}")
+          f"({goodput_bps / tcp_ceiling_bps(5e6):.3f} x ceiling); TCP rtt {tcp_ms:.2f} ms; up qdiscs {up_kinds}")
     assert up_kinds == {"ingress", "tbf"} and set(down) == {"down"}
-    assert 0.93 <= goodput_bps / (5e6 * TCP_CEILING) <= 1.0
+    assert 0.93 <= goodput_bps / tcp_ceiling_bps(5e6) <= 1.0
     # A bulk upload queues in tbf, so its RTT is at least the down delay, and more by the queue.
     assert tcp_ms >= 30 + unshaped_rtt_ms - 1
 
 
-def test_link_set_changes_a_running_netem_link(echo_lab, unshaped_rtt_ms):
+def test_link_set_changes_a_running_netem_link(echo_lab):
+    # Each round trip is judged against the unshaped one after as long an idle
+    # wait (unshaped_after_idle_ms): measured first, as applying no link resets it.
+    unshaped_ms = {rtt_ms: unshaped_after_idle_ms(echo_lab, rtt_ms, 20) for rtt_ms in (20, 60)}
     echo_lab.shape("apply", "backend=netem", "delay=10ms")
     before_ms = echo_lab.run_client(*ECHO, "--requests", "20")["latency_ms"]["p50"]
     changed = in_tree(echo_lab.vm, ["python3", "lab.py", "link", "--project", echo_lab.name, "set", "client",
                                     "delay=30ms"]).check().stdout
     after_ms = echo_lab.run_client(*ECHO, "--requests", "20")["latency_ms"]["p50"]
     shown = echo_lab.link()
-    print(f"delay 10 -> 30 ms by `lab.py link set` ({changed.strip()}): p50 {before_ms:.3f} -> {after_ms:.3f} ms")
+    step_ms = 40 + unshaped_ms[60] - unshaped_ms[20]
+    print(f"delay 10 -> 30 ms by `lab.py link set` ({changed.strip()}): p50 {before_ms:.3f} -> {after_ms:.3f} ms; "
+          f"unshaped after 20 / 60 ms idle {unshaped_ms[20]:.3f} / {unshaped_ms[60]:.3f} ms, so the step "
+          f"expected {step_ms:.3f} ms")
     assert "backend netem, changed in place" in changed
     # The change is what this test is about: 2 x 20 ms more on the round trip, from one
     # link to the next in the same container. How close each sits to its configured
-    # delay is the delay test's (an emulated CPU moved this one's by up to 1.3 ms).
-    assert within(after_ms - before_ms, 40, max(1.0, 0.05 * 40)), (before_ms, after_ms)
+    # delay is the delay test's.
+    assert within(after_ms - before_ms, step_ms, max(1.0, 0.05 * 40)), (before_ms, after_ms)
     for measured, configured in ((before_ms, 20), (after_ms, 60)):
-        expected = configured + unshaped_rtt_ms
+        expected = configured + unshaped_ms[configured]
         assert within(measured, expected, max(2.0, 0.1 * expected)), (measured, expected)
     assert shown["applied"]["up"]["delay_ms"] == shown["applied"]["down"]["delay_ms"] == 30.0
     assert set(netem_qdiscs(shown)) == {"up", "down"}

@@ -37,6 +37,18 @@ from .model import DIRECTIONS, LinkShape, LinkSpec, format_percent
 # byte budgets; at a 1500 B MTU a TCP segment then carries 1448 payload bytes,
 # so TCP goodput tops out at rate * 1448 / 1514.
 FRAME_BYTES = 1514
+ETHERNET_HEADER_BYTES = 14
+# IPv4 (20) and TCP (20) headers, and the timestamps option Linux sends by default (12).
+TCP_IP_HEADER_BYTES = 52
+
+
+def tcp_ceiling_bps(rate_bps: float, mtu: int = 1500) -> float:
+    """The most goodput TCP gets through ``rate_bps`` on a device of MTU ``mtu``.
+
+    Full segments' payload per frame as the qdisc counts it: 1448 of 1514 bytes
+    at 1500 (a bridge), 1398 of 1464 at 1450 (an overlay, whose VXLAN takes 50).
+    """
+    return rate_bps * (mtu - TCP_IP_HEADER_BYTES) / (mtu + ETHERNET_HEADER_BYTES)
 
 # tbf's bucket must hold at least one packet plus what the rate earns between two
 # timer ticks, or the rate falls short on kernels with coarse timers; 4 ms is one
