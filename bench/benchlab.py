@@ -21,6 +21,7 @@ from common import Log
 from experiments import link_env
 from labkit.compose import COMPOSE_FILE, ComposeProject
 from labkit.docker_api import DockerAPI, LabContainer
+from labkit.engine import Engine
 from labkit.engine.compose import ComposeEngine
 from labkit.owner import current_owner
 from labkit.rundir import RunDir
@@ -73,9 +74,10 @@ def engine() -> DockerAPI:
     return DockerAPI()
 
 
-def case_runner(rundir: RunDir, progress: Log, **options: bool) -> CaseRunner:
-    """The case runner `lab.py run` uses, on the engine, writing into ``rundir``."""
-    return CaseRunner(ComposeEngine(engine()), rundir, progress, owner=current_owner().labels(), **options)
+def case_runner(rundir: RunDir, progress: Log, lab_engine: Engine | None = None, **options: bool) -> CaseRunner:
+    """The case runner `lab.py run` uses, on ``lab_engine`` (Compose by default), writing into ``rundir``."""
+    return CaseRunner(lab_engine or ComposeEngine(engine()), rundir, progress, owner=current_owner().labels(),
+                      **options)
 
 
 def env_flags(env: Mapping[str, str]) -> list[str]:

@@ -20,6 +20,8 @@ HEADLINE: list[tuple[str, str]] = [
                                "against the configured one"),
     ("vm.link.goodput.netem.10mbit_20ms.lab", "the lab's bulk client through 10 Mbit/s and 20 ms each way on netem "
                                               "(emulated VM), against iperf3"),
+    ("swarm.overhead.case.10", "seconds per case outside the workload on a single-node swarm (10 clients), against "
+                               "bare `docker stack deploy` + `rm`"),
 ]
 
 # figure id -> why its target is missed (measured, profiled), one paragraph.

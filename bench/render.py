@@ -24,6 +24,7 @@ SECTIONS = {
     "echo": "Echo load: requests per second by server mode",
     "scale": "Scale: concurrent connections held",
     "vm": "Link fidelity on a stock kernel with netem, inside an emulated VM",
+    "swarm": "Lab overhead on Docker Swarm",
 }
 HEADLINE_BEGIN = "<!-- bench:headline (made by bench/render.py from bench/results/benchmarks.json) -->"
 HEADLINE_END = "<!-- /bench:headline -->"
@@ -86,6 +87,15 @@ def machine_sentence(about: dict) -> str:
             "the ratios are what carry over.")
 
 
+def measured_apart_sentence(own: dict, file_env: dict) -> str:
+    """Where and when a section was measured, when apart from the rest of the file (`run.py --merge`)."""
+    machine = ("the machine above" if (own["cpu_model"], own["cpus"]) == (file_env["cpu_model"], file_env["cpus"])
+               else f"{own['cpus']} × {own['cpu_model']}, {own['memory_gib']} GiB, kernel {own['host_kernel']}")
+    return (f"Measured apart from the rest of this file: {own['when']} (git {own['git_revision']}) on {machine}, "
+            f"Docker engine / Compose {own['docker']} / {own['compose']}, load average {own['load_average_1min']} "
+            "at its start.")
+
+
 def _notes(details: dict) -> list[str]:
     lines = []
     for note in details.get("notes", []):
@@ -144,6 +154,8 @@ def render(results: dict) -> str:
         if "error" in bench:
             out += [f"Did not complete: {bench['error']}"]
             continue
+        if "environment" in bench:
+            out += [measured_apart_sentence(bench["environment"], env), ""]
         if "machine" in bench.get("details", {}):
             out += [machine_sentence(bench["details"]["machine"]), ""]
         out += figure_rows(bench["figures"])

@@ -4,6 +4,8 @@
                                                    # BENCHMARKS.md and the README's headline
     BASE_IMAGE=... python3 bench/run.py --quick    # under 10 minutes: bench/results/quick.json + quick.md
     python3 bench/run.py --only echo,scale         # some of them
+    python3 bench/run.py --only swarm --merge      # measure some again, into the full results and
+                                                   # BENCHMARKS.md (each such section says when)
 
 Benchmarks, not tests: each measures on real containers of a project of its
 own (removed afterwards) and reports figures against references measured in
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, RESULTS_SCHEMA, ROOT, environment  # noqa: E402
 from render import render, replace_headline  # noqa: E402
 
-BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm")
+BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm", "swarm")
 
 
 def _log(text: str) -> None:
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/benchmarks.json, "
                                                  "or quick.json with --quick)")
+    parser.add_argument("--merge", action="store_true",
+                        help="put the chosen benchmarks' sections into the full results file (replacing theirs, "
+                             "each with the machine and revision it was measured at) and render BENCHMARKS.md")
     args = parser.parse_args(argv)
     chosen = BENCHMARKS if not args.only else tuple(name.strip() for name in args.only.split(","))
     unknown = [name for name in chosen if name not in BENCHMARKS]
@@ -55,16 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench/run.py: --only: {unknown[0]!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}",
               file=sys.stderr)
         return 2
-    full = not args.quick and chosen == BENCHMARKS and args.out is None
+    if args.merge and (args.quick or args.out is not None):
+        print("bench/run.py: --merge goes into the full results file: drop --quick and --out", file=sys.stderr)
+        return 2
+    full = not args.quick and (chosen == BENCHMARKS or args.merge) and args.out is None
     out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "benchmarks.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    results = {"schema": RESULTS_SCHEMA, "quick": args.quick, "environment": environment(),
-               "duration_s": None, "benchmarks": {}}
+    if args.merge:
+        results = json.loads(out.read_text(encoding="utf-8"))
+    else:
+        results = {"schema": RESULTS_SCHEMA, "quick": args.quick, "environment": environment(),
+                   "duration_s": None, "benchmarks": {}}
     started = time.monotonic()
     failed = False
     for name in chosen:
         _log(f"benchmark {name}{' (quick)' if args.quick else ''}")
+        measured_at = environment() if args.merge else None
         bench_started = time.monotonic()
         try:
             section = importlib.import_module(name).run(args.quick, _log)
@@ -72,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             section, failed = {"error": f"{type(exc).__name__}: {exc}"}, True
         section["duration_s"] = round(time.monotonic() - bench_started, 1)
+        if measured_at:  # measured apart from the rest of the file: say where and when
+            section["environment"] = measured_at
         results["benchmarks"][name] = section
-        results["duration_s"] = round(time.monotonic() - started, 1)
+        if not args.merge:
+            results["duration_s"] = round(time.monotonic() - started, 1)
         _write(out, json.dumps(results, indent=1) + "\n")
         _log(f"benchmark {name}: {section['duration_s']} s; results so far in {out}")
 
