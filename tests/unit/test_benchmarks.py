@@ -42,7 +42,7 @@ def test_readme_headline_is_the_rendering_of_the_committed_results(results):
 def test_the_committed_run_is_complete(results):
     assert results["schema"] == common.RESULTS_SCHEMA
     assert results["quick"] is False
-    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale", "vm"}
+    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale", "vm", "swarm"}
     for name, bench in results["benchmarks"].items():
         assert "error" not in bench, f"{name}: {bench.get('error')}"
         assert bench["figures"], name
@@ -95,7 +95,7 @@ def test_run_refuses_an_unknown_benchmark_in_one_sentence():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm"]
+        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm, swarm"]
 
 
 # ------------------------------------------------- the roles benchmarks start
@@ -211,3 +211,22 @@ def test_round_trip_is_judged_against_twice_the_delay_plus_the_unshaped_round_tr
     assert [f["id"] for f in figures] == [f"link.rtt.userspace.{d}ms" for d in fidelity.DELAYS_MS]
     assert figures[0]["reference"]["samples"] == [2.4] and figures[0]["met"] is False  # 2.6 / 2.4
     assert all(f["met"] for f in figures[1:])
+
+
+def test_merge_goes_into_the_full_results_only():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--only", "swarm", "--merge", "--quick"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "bench/run.py: --merge goes into the full results file: drop --quick and --out"]
+
+
+def test_a_section_measured_apart_says_when_and_where(results):
+    apart = {name: b for name, b in results["benchmarks"].items() if "environment" in b}
+    assert apart, "the committed run has no section measured apart (run.py --merge)"
+    text = render.render(results)
+    for bench in apart.values():
+        env = bench["environment"]
+        assert f"Measured apart from the rest of this file: {env['when']} (git {env['git_revision']})" in text
