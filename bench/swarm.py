@@ -1,6 +1,6 @@
-"""Benchmark: what the lab costs per case on Docker Swarm, against a bare `docker stack deploy` + `rm`.
+"""Benchmark: the lab on Docker Swarm: its cost per case, and links across hosts.
 
-    python3 bench/swarm.py [--quick]
+    python3 bench/swarm.py [--quick]          # as root, after .ci/prepare-host.sh (the VMs)
 
 On a single-node swarm on this host (made for the benchmark when the engine is
 in none, and left afterwards), the lab's case runner with the Swarm engine
@@ -20,6 +20,21 @@ stops a server that still runs, through the swarm's graceful stop (most of its
 time: 5.8 of 7.1 s in a run here); the lab has stopped its server itself to
 collect its figures before it removes the stack, whose containers have then
 all ended.
+
+Across hosts, on a swarm of three VMs of the test tier's fabric (Debian's stock
+kernel under QEMU, vm0 the manager where lab.py runs, vm1 and vm2 workers with
+the lab image built there), `lab.py run --engine swarm` with the server on vm1
+and the clients on vm2:
+
+- goodput of a 24 MB bulk upload through 10 and 50 Mbit/s on the sender's link,
+  against the TCP ceiling at the overlay's MTU (rate x (MTU-52)/(MTU+14), MTU
+  as the record gives it);
+- the echo round trip with 20 ms each way on the client's link, against 40 ms
+  plus the unshaped round trip between the same nodes, same repetition (both
+  with 40 ms of think time: an emulated process wakes slower after a wait);
+- one case (once) of twenty client containers, ten on vm1 and ten on vm2 (ten epoll
+  connections each), against an epoll server on vm0: the connections it served
+  against those asked for.
 """
 
 from __future__ import annotations
@@ -37,15 +52,71 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlab import build_image, case_runner, engine  # noqa: E402
-from common import Log, figure, log_to_stderr  # noqa: E402
+from common import Log, failed_figure, figure, log_to_stderr  # noqa: E402
 from labkit import proc  # noqa: E402
 from labkit.config import load_experiment_text  # noqa: E402
 from labkit.engine.swarm import ENDED_STATES, SCALE_KEY, STACK_LABEL, SwarmEngine, wait_for  # noqa: E402
 from labkit.matrix import expand_cases, expand_runs  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
 from overhead import CASE_EXPERIMENT, _workload_s  # noqa: E402
+from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
+from socklab.units import parse_rate_bps  # noqa: E402
+from tests.vm.fabric import Fabric, Vm, build_image as build_vm_image, missing_prerequisite  # noqa: E402
+from tests.vm.guestlab import BASE_IMAGE, in_tree, install_lab, leave_swarm, make_swarm  # noqa: E402
 
 BARE_S = 300.0
+VM_MEMORY_MIB = [1024, 512, 512]
+
+CROSS_GOODPUT = """\
+name: cross-host-goodput
+description: A bulk upload from vm2 to vm1 through a rate on the sender's link.
+repeat: {repeat}
+timeout: 300s
+server: {{mode: threaded, placement: [node.hostname == vm1]}}
+clients:
+  - name: sender
+    mode: blocking
+    placement: [node.hostname == vm2]
+    workload: {{kind: bulk, bytes: 24MB}}
+    link: {{rate: 10mbit}}
+matrix:
+  clients.sender.link.rate: [10mbit, 50mbit]
+"""
+CROSS_RTT = """\
+name: cross-host-rtt
+description: Echo round trips from vm2 to vm1, unshaped and through 20 ms each way.
+repeat: {repeat}
+timeout: 300s
+server: {{mode: blocking, placement: [node.hostname == vm1]}}
+clients:
+  - name: pinger
+    mode: blocking
+    placement: [node.hostname == vm2]
+    workload: {{kind: echo, requests: 100, size: 64, think: 40ms}}
+    link: {{delay: 0ms}}
+matrix:
+  clients.pinger.link.delay: [0ms, 20ms]
+"""
+CROSS_CONCURRENCY = """\
+name: cross-host-concurrency
+description: Twenty client containers, ten on vm1 and ten on vm2, against one epoll server on vm0.
+repeat: {repeat}
+timeout: 300s
+server: {{mode: epoll, placement: [node.hostname == vm0]}}
+clients:
+  - name: left
+    replicas: 10
+    connections: 10
+    mode: epoll
+    placement: [node.hostname == vm1]
+    workload: {{kind: echo, requests: 20, size: 1KiB}}
+  - name: right
+    replicas: 10
+    connections: 10
+    mode: epoll
+    placement: [node.hostname == vm2]
+    workload: {{kind: echo, requests: 20, size: 1KiB}}
+"""
 
 
 def _swarm_state() -> str:
@@ -112,6 +183,86 @@ def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict
                   target={"max": 1.2}), rows
 
 
+def _swarm_run(manager: Vm, name: str, text: str, log: Log) -> list[dict]:
+    """An experiment run by lab.py on the VMs' swarm; its records (every case must be ok)."""
+    manager.put(f"/root/{name}.yaml", text.encode())
+    out = f"/root/bench-runs/{name}"
+    started = time.monotonic()
+    done = in_tree(manager, ["python3", "lab.py", "run", f"/root/{name}.yaml", "--engine", "swarm", "--no-trace",
+                             "--out", out], timeout_s=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} on the VMs' swarm exited {done.returncode}:\n{done.stdout[-3000:]}"
+                           f"{done.stderr[-2000:]}")
+    (cases,) = manager.sh(f"ls {out}/*/*/cases.jsonl").stdout.split()
+    records = [json.loads(line) for line in manager.get(cases).decode().splitlines()]
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        raise RuntimeError(f"{name}: case {bad[0]['case']}: {bad[0]['status']}: {bad[0]['error']}")
+    log(f"{name}: {len(records)} case(s) on the VMs' swarm in {time.monotonic() - started:.0f} s")
+    return records
+
+
+def cross_host(quick: bool, log: Log) -> tuple[list[dict], dict]:
+    """Goodput, round trips and twenty client containers across the hosts of a three-VM swarm."""
+    problem = missing_prerequisite(BASE_IMAGE)
+    if problem:
+        raise RuntimeError(f"no VMs here: {problem}")
+    repeat = 1 if quick else 2
+    image = build_vm_image(env={"BASE_IMAGE": BASE_IMAGE})
+    with tempfile.TemporaryDirectory(prefix="socklab-bench-swarm-") as workdir:
+        with Fabric(image, Path(workdir), count=3, memory_mib=VM_MEMORY_MIB) as fabric:
+            fabric.wait_docker()
+            install_lab(fabric.vms[0])
+            make_swarm(fabric.vms)
+            log("a swarm of three VMs, the lab image on each")
+            try:
+                manager = fabric.vms[0]
+                goodput = _swarm_run(manager, "cross-host-goodput", CROSS_GOODPUT.format(repeat=repeat), log)
+                rtt = _swarm_run(manager, "cross-host-rtt", CROSS_RTT.format(repeat=repeat), log)
+                try:
+                    crowd, crowd_error = _swarm_run(manager, "cross-host-concurrency",
+                                                    CROSS_CONCURRENCY.format(repeat=1), log), ""
+                except RuntimeError as exc:  # the other figures stand without it
+                    crowd, crowd_error = [], str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+                    log(f"cross-host-concurrency: {exc}")
+            finally:
+                leave_swarm(fabric.vms)
+    figures = []
+    for rate in ("10mbit", "50mbit"):
+        chosen = [r for r in goodput if r["params"]["clients.sender.link.rate"] == rate]
+        measured = [r["clients"][0]["goodput_bps"] / 1e6 for r in chosen]
+        ceilings = [tcp_ceiling_bps(parse_rate_bps(rate), r["link"]["mtu"]) / 1e6 for r in chosen]
+        figures.append(figure(f"swarm.cross.goodput.{rate}", f"bulk goodput vm2 -> vm1 through {rate} on the overlay",
+                              "Mbit/s", measured, reference="TCP ceiling at the overlay's MTU",
+                              reference_samples=ceilings, target={"within": 0.05}))
+    by_repetition: dict[int, dict[str, float]] = {}
+    for record in rtt:
+        delay = record["params"]["clients.pinger.link.delay"]
+        by_repetition.setdefault(record["repetition"], {})[delay] = record["clients"][0]["latency_ms"]["p50"]
+    pairs = [(p["20ms"], 40 + p["0ms"]) for p in by_repetition.values()]
+    figures.append(figure("swarm.cross.rtt.20ms", "echo round trip vm2 -> vm1 with 20 ms each way (p50)", "ms",
+                          [m for m, _ in pairs], reference="2 x delay + unshaped round trip vm2 -> vm1, same run",
+                          reference_samples=[e for _, e in pairs], target={"within": 0.05}))
+    crowd_label = "connections served from 20 client containers on two nodes (10 epoll connections each)"
+    if crowd:
+        served = [r["server"]["connections"] for r in crowd]
+        figures.append(figure("swarm.cross.concurrency.20", crowd_label, "connections", served,
+                              reference="connections asked for", reference_samples=[200] * len(served),
+                              target={"min": 1.0}))
+    else:
+        figures.append(failed_figure("swarm.cross.concurrency.20", crowd_label, "connections", crowd_error,
+                                     reference="connections asked for", target={"min": 1.0}))
+    details = {
+        "mtu": sorted({r["link"]["mtu"] for r in goodput}),
+        "backend": sorted({r["link"]["backend"] for r in goodput + rtt}),
+        "nodes": {"goodput": goodput[0]["nodes"], "rtt": rtt[0]["nodes"],
+                  "concurrency": sorted(set(crowd[0]["nodes"].values())) if crowd else []},
+        "unshaped_rtt_ms": [p["0ms"] for p in by_repetition.values()],
+        "concurrency_case_wall_s": [round(r["wall_s"], 1) for r in crowd],
+    }
+    return figures, details
+
+
 def run(quick: bool, log: Log) -> dict:
     """Every swarm figure; ``quick`` uses fewer repetitions."""
     build_image()
@@ -127,7 +278,8 @@ def run(quick: bool, log: Log) -> dict:
     finally:
         if made:
             proc.run(["docker", "swarm", "leave", "--force"], timeout_s=60)
-    return {"figures": figures, "details": {"per_case": rows}}
+    cross_figures, cross_details = cross_host(quick, log)
+    return {"figures": figures + cross_figures, "details": {"per_case": rows, "cross_host": cross_details}}
 
 
 if __name__ == "__main__":

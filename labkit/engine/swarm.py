@@ -195,6 +195,17 @@ def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str,
                         node_names.get(task.get("NodeID", ""), ""))
 
 
+# A task's states in the order it passes them (docker/swarmkit), for telling a slow start from a stall.
+TASK_STATE_ORDER = ("new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting",
+                    "running", "complete", "failed", "shutdown")
+
+
+def task_progress(task: Mapping[str, Any]) -> int:
+    """How far a task has come, as the rank of its state (0 for one unknown)."""
+    state = (task.get("Status") or {}).get("State", "")
+    return TASK_STATE_ORDER.index(state) + 1 if state in TASK_STATE_ORDER else 0
+
+
 def task_exit_code(task: Mapping[str, Any] | None) -> int | None:
     """How a task's container ended: None while it has not (or never had one)."""
     status = (task or {}).get("Status") or {}
@@ -410,8 +421,31 @@ class SwarmLab:
         for short in services:
             replicas = int(stack["services"][short]["deploy"]["replicas"]) or \
                 int((stack.get(SCALE_KEY) or {}).get(short, 0))
-            wait_for(lambda short=short, replicas=replicas: self._started(short, replicas), TASK_START_S,
-                     f"the tasks of {short} did not all start", why=lambda short=short: self._why_waiting(short))
+            self._wait_started(short, replicas)
+
+    def _wait_started(self, short: str, count: int) -> None:
+        """Wait until ``count`` tasks of ``short`` have started, for as long as they make progress.
+
+        The bound is on a stall: StartFailed once no task of ``short`` has moved
+        on a state (pending, assigned, preparing, starting, running ...) for
+        TASK_START_S. A node that starts many containers slowly is waited for
+        (ten at once on an emulated CPU: none running after 60 s), one that
+        starts none is not.
+        """
+        progress, last_progress = -1, time.monotonic()
+        while True:
+            tasks = self._tasks(short)
+            started = len(self._containers_of(tasks, strict=True))
+            if started >= count:
+                return
+            now = sum(task_progress(t) for t in tasks)
+            if now > progress:
+                progress, last_progress = now, time.monotonic()
+            elif time.monotonic() - last_progress > TASK_START_S:
+                why = self._why_waiting(short)
+                raise StartFailed(f"the tasks of {short} did not all start: {started} of {count}, and none moved "
+                                  f"on within {TASK_START_S:g} s{f': {why}' if why else ''}")
+            time.sleep(POLL_S)
 
     def _listening(self, server: LabContainer) -> bool | None:
         """Whether the server said it listens (its log, from any node); StartFailed if it ended first."""

@@ -499,3 +499,26 @@ def test_a_role_on_a_lost_node_is_gone_with_the_nodes_name_and_its_log_is_not_wa
     with pytest.raises(ContainerGone, match=r"^node vm-n1 was lost while the case ran, and client-sender's task"):
         role.running()
     assert role.stdout() == "" and lab.read_file(role.container, scenario.TRACE_PATH) is None
+
+
+def test_client_tasks_that_keep_starting_are_waited_for_past_the_bound_and_a_stall_is_not(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["running"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "TASK_START_S", 0.4)
+    sender = client.services_by_name["client-sender"]
+    # None runs for a long time while the three move on through their states (one look each 0.1 s).
+    looks = iter(["pending", "pending", "assigned", "assigned", "preparing", "preparing", "preparing",
+                  "starting", "starting", "starting"])
+
+    def tasks():
+        state = next(looks, "running")
+        time.sleep(0.1)
+        return [{**task(state, slot=i + 1, container=f"c{i}" if state == "running" else None),
+                 "ID": f"st_client-sender-t{i}"} for i in range(3)]
+
+    sender.tasks = tasks
+    lab.start(["server", "client-sender"])  # 1 s in all, past the 0.4 s bound: never stalled that long
+    sender.tasks = lambda: [task("pending", slot=1, container=None)] * 3
+    with pytest.raises(StartFailed, match=r"^the tasks of client-sender did not all start: 0 of 3, and none moved on "
+                                          r"within 0\.4 s"):
+        lab._wait_started("client-sender", 3)

@@ -14,6 +14,7 @@ import secrets
 import shlex
 import subprocess
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labkit.compose import READY_SERVICE
@@ -48,6 +49,27 @@ def install_lab(vm: Vm) -> None:
     vm.put("/root/socklab.tar.gz", working_tree_tar())
     vm.sh(f"rm -rf {GUEST_TREE} && mkdir -p {GUEST_TREE} && tar -xzf /root/socklab.tar.gz -C {GUEST_TREE}")
     vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
+
+
+def make_swarm(vms: list[Vm]) -> None:
+    """A swarm of ``vms``: the first the manager, the others workers, each with the lab image built there."""
+    manager, *workers = vms
+    with ThreadPoolExecutor(max(1, len(workers))) as pool:
+        list(pool.map(install_lab, workers))
+    manager.sh(f"docker swarm init --advertise-addr {manager.address}", timeout_s=120)
+    token = manager.sh("docker swarm join-token -q worker").stdout.strip()
+    for worker in workers:
+        worker.sh(f"docker swarm join --advertise-addr {worker.address} --token {token} {manager.address}:2377",
+                  timeout_s=120)
+    manager.sh(f"i=0; until [ \"$(docker node ls --filter role=worker --format '{{{{.Status}}}}' | grep -c Ready)\" "
+               f"= {len(workers)} ]; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 0.2; done", timeout_s=120)
+
+
+def leave_swarm(vms: list[Vm]) -> None:
+    """Every VM out of its swarm, workers first; a VM that was powered off is left alone."""
+    for vm in reversed(vms):
+        if vm.process.poll() is None:
+            vm.exec(["docker", "swarm", "leave", "--force"], timeout_s=120)
 
 
 def in_tree(vm: Vm, argv: list[str], timeout_s: float = 600, env: dict | None = None) -> GuestResult:

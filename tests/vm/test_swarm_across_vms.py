@@ -16,40 +16,23 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .guestlab import BASE_IMAGE, GUEST_TREE, in_tree, install_lab
+from .guestlab import BASE_IMAGE, GUEST_TREE, in_tree, leave_swarm, make_swarm
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
-
-
-def _leave(vm) -> None:
-    """``vm`` out of the swarm, unless it was powered off (the node-loss test)."""
-    if vm.process.poll() is None:
-        vm.exec(["docker", "swarm", "leave", "--force"], timeout_s=120)
 
 
 @pytest.fixture(scope="module")
 def swarm(fabric, lab_vm):
     """vm0 a manager, vm1 and vm2 workers with the lab image; every node leaves afterwards."""
-    manager, *workers = fabric.vms
-    assert len(workers) == 2, "the fabric has three VMs"
-    with ThreadPoolExecutor(len(workers)) as pool:
-        list(pool.map(install_lab, workers))
+    assert len(fabric.vms) == 3, "the fabric has three VMs"
     try:
-        manager.sh(f"docker swarm init --advertise-addr {manager.address}", timeout_s=120)
-        token = manager.sh("docker swarm join-token -q worker").stdout.strip()
-        for worker in workers:
-            worker.sh(f"docker swarm join --advertise-addr {worker.address} --token {token} "
-                      f"{manager.address}:2377", timeout_s=120)
-        manager.sh("i=0; until [ \"$(docker node ls --filter role=worker --format '{{.Status}}' | grep -c Ready)\" "
-                   "= 2 ]; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 0.2; done", timeout_s=120)
+        make_swarm(fabric.vms)
         yield fabric.vms
     finally:
-        for vm in (*workers, manager):
-            _leave(vm)
+        leave_swarm(fabric.vms)
 
 
 def _lab_objects(vm) -> list[str]:
