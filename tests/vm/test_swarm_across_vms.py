@@ -53,6 +53,34 @@ def _nothing_of_the_lab_left(vms, timeout_s: float = 60) -> None:
         assert _lab_objects(vm) == [], vm.name
 
 
+def _start_run(manager, name: str, text: str) -> str:
+    """`lab.py run` of ``text`` on the swarm, in the background on the manager; its output directory.
+
+    /root/NAME.pid holds its process id, /root/NAME.rc its exit status once it ends, /root/NAME.log its output.
+    """
+    manager.put(f"/root/{name}.yaml", text.encode())
+    out = f"/root/swarm-runs/{name}"
+    run = f"python3 lab.py run /root/{name}.yaml --engine swarm --out {out} > /root/{name}.log 2>&1"
+    manager.sh(f"cd {GUEST_TREE} && BASE_IMAGE={BASE_IMAGE} setsid sh -c '{run} & echo $! > /root/{name}.pid; "
+               f"wait $!; echo $? > /root/{name}.rc' < /dev/null > /dev/null 2>&1 &")
+    return out
+
+
+def _wait_task_running(manager, service_suffix: str) -> None:
+    """Until the lab's service ending in ``service_suffix`` has its one task running."""
+    manager.sh("i=0; until docker service ls --filter label=io.socklab.lab --format '{{.Name}} {{.Replicas}}' "
+               f"| grep -q '{service_suffix} 1/1'; do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 0.5; done",
+               timeout_s=360)
+
+
+def _exit_status(manager, name: str, timeout_s: int = 600) -> str:
+    """The exit status of the run :func:`_start_run` started, once it has ended; its output's end printed."""
+    manager.sh(f"i=0; until [ -s /root/{name}.rc ]; do i=$((i+1)); [ $i -lt {timeout_s} ] || exit 1; sleep 1; done",
+               timeout_s=timeout_s + 30)
+    print(manager.sh(f"tail -n 30 /root/{name}.log").stdout)
+    return manager.sh(f"cat /root/{name}.rc").stdout.strip()
+
+
 def _records(vm, out: str) -> list[dict]:
     (cases,) = vm.sh(f"ls {out}/*/*/cases.jsonl").stdout.split()
     return [json.loads(line) for line in vm.get(cases).decode().splitlines()]
@@ -120,21 +148,12 @@ clients:
 
 def test_ctrl_c_removes_the_cases_stack_from_every_node(swarm):
     manager = swarm[0]
-    manager.put("/root/interrupted.yaml", INTERRUPTED.encode())
-    out = "/root/swarm-runs/interrupted"
-    run = f"python3 lab.py run /root/interrupted.yaml --engine swarm --out {out} > /root/interrupted.log 2>&1"
-    manager.sh(f"cd {GUEST_TREE} && BASE_IMAGE={BASE_IMAGE} setsid sh -c '{run} & echo $! > /root/interrupted.pid; "
-               "wait $!; echo $? > /root/interrupted.rc' < /dev/null > /dev/null 2>&1 &")
+    _start_run(manager, "interrupted", INTERRUPTED)
     # Interrupted while the sender's task on vm2 uploads (19 s through 10 Mbit/s).
-    manager.sh("i=0; until docker service ls --filter label=io.socklab.lab --format '{{.Name}} {{.Replicas}}' "
-               "| grep -q '_client-sender 1/1'; do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 0.5; done",
-               timeout_s=360)
+    _wait_task_running(manager, "_client-sender")
     time.sleep(3)
     manager.sh("kill -INT $(cat /root/interrupted.pid)")
-    manager.sh("i=0; until [ -s /root/interrupted.rc ]; do i=$((i+1)); [ $i -lt 300 ] || exit 1; sleep 1; done",
-               timeout_s=330)
-    print(manager.sh("tail -n 5 /root/interrupted.log").stdout)
-    assert manager.sh("cat /root/interrupted.rc").stdout.strip() == "130"
+    assert _exit_status(manager, "interrupted", timeout_s=300) == "130"
     _nothing_of_the_lab_left(swarm)
 
 
@@ -161,22 +180,13 @@ matrix:
 def test_a_node_lost_mid_case_fails_that_case_by_name_and_the_sweep_goes_on(swarm):
     # The last test of the session that uses vm2: it powers it off.
     manager, _, lost = swarm
-    manager.put("/root/node-loss.yaml", NODE_LOSS.encode())
-    out = "/root/swarm-runs/node-loss"
-    run = f"python3 lab.py run /root/node-loss.yaml --engine swarm --out {out} > /root/node-loss.log 2>&1"
-    manager.sh(f"cd {GUEST_TREE} && BASE_IMAGE={BASE_IMAGE} setsid sh -c '{run}; echo $? > /root/node-loss.rc' "
-               "< /dev/null > /dev/null 2>&1 &")
+    out = _start_run(manager, "node-loss", NODE_LOSS)
     # Powered off once the far group's task runs on vm2 and has had a few seconds of its workload.
-    manager.sh("i=0; until docker service ls --filter label=io.socklab.lab --format '{{.Name}} {{.Replicas}}' "
-               "| grep -q '_client-far 1/1'; do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 0.5; done",
-               timeout_s=360)
+    _wait_task_running(manager, "_client-far")
     time.sleep(5)
     lost.process.kill()
     lost.process.wait()
-    manager.sh("i=0; until [ -s /root/node-loss.rc ]; do i=$((i+1)); [ $i -lt 600 ] || exit 1; sleep 1; done",
-               timeout_s=660)
-    print(manager.sh("tail -n 30 /root/node-loss.log").stdout)
-    assert manager.sh("cat /root/node-loss.rc").stdout.strip() == "1"  # a case failed
+    assert _exit_status(manager, "node-loss") == "1"  # a case failed
     first, second = _records(manager, out)
     assert first["status"] == "failed" and first["error"].startswith("node vm2 was lost while the case ran"), \
         first["error"]
