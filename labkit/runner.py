@@ -43,7 +43,6 @@ SERVER_LISTEN_S = 60.0
 # Below the Docker SDK's connection pool (10), so no request waits for a connection.
 COLLECT_WORKERS = 8
 Progress = Callable[[str], None]
-SERVER_LISTENING = LISTENING_LINE
 
 
 @dataclass
@@ -179,7 +178,7 @@ class CaseRunner:
         roles.append(server)
         deadline = time.monotonic() + SERVER_LISTEN_S
         # The server says so on stderr once it listens: no need to ask ss in another exec.
-        while SERVER_LISTENING not in server.output():
+        while LISTENING_LINE not in server.output():
             if not server.running() or time.monotonic() > deadline:
                 lab.running(server.container)  # ContainerGone, if that is why
                 server.stop()

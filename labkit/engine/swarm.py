@@ -29,6 +29,7 @@ which runs ``socklab node`` (:class:`TaskNode`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -223,28 +224,24 @@ class TaskRole:
     container: LabContainer
 
     def _task(self) -> dict:
-        task = self.lab.api.task(self.lab.task_id(self.container))
+        """The task as the manager knows it now; ContainerGone if its node was lost before it ended
+        (the task went with it) or the swarm forgot it."""
+        task = self.lab.api.task(self.lab.task_of(self.container)["ID"])
         if task is None:
             raise ContainerGone(f"the task of {self.container.name} disappeared while its case ran "
                                 "(its stack removed from outside the run?)")
+        if (task.get("Status") or {}).get("State") not in ENDED_STATES:
+            lost = self.lab.engine.lost_node(task.get("NodeID", ""))
+            if lost:
+                raise ContainerGone(f"node {lost} was lost while the case ran, and {self.container.service}'s "
+                                    "task with it (the swarm says the node is down)")
         return task
 
-    def _ended(self) -> bool:
-        """Whether the task has ended; ContainerGone if its node was lost first (the task went with it)."""
-        task = self._task()
-        if (task.get("Status") or {}).get("State") in ENDED_STATES:
-            return True
-        lost = self.lab.engine.lost_node(task.get("NodeID", ""))
-        if lost:
-            raise ContainerGone(f"node {lost} was lost while the case ran, and {self.container.service}'s "
-                                "task with it (the swarm says the node is down)")
-        return False
-
     def running(self) -> bool:
-        return not self._ended()
+        return (self._task().get("Status") or {}).get("State") not in ENDED_STATES
 
     def exit_code(self) -> int | None:
-        return task_exit_code(self._task()) if self._ended() else None
+        return task_exit_code(self._task())
 
     def stop(self) -> None:
         if self.running():
@@ -364,45 +361,50 @@ class SwarmLab:
                 if (t.get("Status") or {}).get("State") not in STARTED_STATES}
         return "; ".join(sorted(f"the swarm says {reason!r}" for reason in said if reason))
 
-    def task_id(self, container: LabContainer) -> str:
-        """The id of the task whose container ``container`` is."""
+    def task_of(self, container: LabContainer) -> dict:
+        """The task whose container ``container`` is (as last listed: its id and node do not change)."""
         task = self._tasks_by_container.get(container.id)
         if task is None:
             self.containers()
             task = self._tasks_by_container.get(container.id)
         if task is None:
             raise ContainerGone(f"no task of stack {self.name} has container {container.name}")
-        return task["ID"]
+        return task
 
     def task_log(self, container: LabContainer, stderr: bool) -> str:
         """What ``container``'s task printed (stdout; with stderr too if asked), relayed by the manager.
 
         Empty when its node was lost: the log stayed there, and asking for it would only wait.
         """
-        task_id = self.task_id(container)
-        if self.engine.lost_node(self._tasks_by_container[container.id].get("NodeID", "")):
+        task = self.task_of(container)
+        if self.engine.lost_node(task.get("NodeID", "")):
             return ""
-        return self.api.task_logs(task_id, stderr=stderr)
+        return self.api.task_logs(task["ID"], stderr=stderr)
 
     def node_of(self, container: LabContainer) -> "SdkNode | TaskNode":
         """How to reach ``container``'s node: the SDK on the manager's, a one-shot task on another."""
-        self.task_id(container)
-        node_id = self._tasks_by_container[container.id].get("NodeID", "")
+        node_id = self.task_of(container).get("NodeID", "")
         if node_id == self.engine.local_node_id():
             return SdkNode(self.api)
         return TaskNode(self.engine, node_id, self.image(), self)
 
+    @functools.cached_property
+    def _stack(self) -> dict[str, Any] | None:
+        """The stack file as deployed (None for a lab attached by name)."""
+        if self.stack_path is None:
+            return None
+        return yaml.safe_load(self.stack_path.read_text(encoding="utf-8"))
+
     def image(self) -> str:
         """The image of the stack's tasks (what a one-shot task on one of its nodes runs too)."""
-        if self.stack_path is not None:
-            stack = yaml.safe_load(self.stack_path.read_text(encoding="utf-8"))
-            return stack["services"][SERVER_SERVICE]["image"]
+        if self._stack is not None:
+            return self._stack["services"][SERVER_SERVICE]["image"]
         return self.engine.lab_image()
 
     def start(self, services: Sequence[str]) -> None:
-        if self.stack_path is None:
+        stack = self._stack
+        if stack is None:
             raise StartFailed(f"stack {self.name} has no stack file to deploy")
-        stack = yaml.safe_load(self.stack_path.read_text(encoding="utf-8"))
         try:
             # Never asks a registry for the image's digest: the image is local (or the user's to provide).
             proc.run(["docker", "stack", "deploy", "--resolve-image", "never", "--prune",

@@ -22,6 +22,7 @@ from labkit import scenario
 from labkit.engine import (LAB_LABEL, ContainerGone, Finding, ImageBuildFailed, LabContainer, LabObject,
                            StartFailed)
 from socklab import RESULT_KEY, RESULT_SCHEMA
+from socklab.servers.lifecycle import LISTENING_LINE
 
 LINK_APPLIED = {"up": {"rate_bps": 10_000_000}, "down": {"rate_bps": 10_000_000}}
 
@@ -87,7 +88,7 @@ def real_like(container: LabContainer, argv: Sequence[str], mtu: int = 1500) -> 
     """What the real roles do in a case that goes well (on a lab device of this MTU)."""
     banner = ["socklab: link eth0: rate 10mbit (backend netem, applied)"]
     if argv[0] == "server":
-        return Script(duration_s=None, stderr=banner + ["socklab server listening on 0.0.0.0:5000 mode=x"],
+        return Script(duration_s=None, stderr=banner + [f"{LISTENING_LINE} 0.0.0.0:5000 mode=x"],
                       on_stop=[server_line(argv, 1000), link_line(mtu=mtu)], stop_exit_code=0)
     trace = gzip.compress(b'{"mode": "blocking"}\n') if "--trace" in argv else None
     return Script(duration_s=0.05, stderr=banner, stdout=[client_line(argv), link_line(mtu=mtu)], trace=trace,
