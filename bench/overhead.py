@@ -30,14 +30,17 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlab import build_image, case_runner  # noqa: E402
 from common import figure, Log, log_to_stderr  # noqa: E402
 from labkit.compose import COMPOSE_FILE, ComposeProject  # noqa: E402
-from labkit.config import load_experiment_text  # noqa: E402
+from labkit.config import Experiment, load_experiment_text  # noqa: E402
+from labkit.engine import Engine  # noqa: E402
 from labkit.matrix import expand_cases, expand_runs  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
 from labkit import scenario  # noqa: E402
@@ -96,34 +99,58 @@ def _bare_up_down(override: Path, services: list[str]) -> float:
     return time.monotonic() - started
 
 
-def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict]]:
-    """The overhead figure for ``replicas`` client containers, and every repetition's timings."""
+@dataclass(frozen=True)
+class BareReference:
+    """What a case's time outside its workload is held against: a bare engine doing the least with
+    the case's own definition, as the run directory keeps it."""
+
+    engine: str  # in the figure's id and label, and the log: "" for Compose, else the engine's name
+    label: str
+    row_key: str
+    # seconds(the run directory, the repetition, the experiment, a scratch directory)
+    seconds: Callable[[RunDir, int, Experiment, Path], float]
+
+
+def _compose_seconds(rundir: RunDir, repetition: int, experiment: Experiment, scratch: Path) -> float:
+    override = next(rundir.compose.glob(f"*r{repetition}*"))
+    services = [scenario.SERVER_SERVICE] + [scenario.client_service(g) for g in experiment.clients]
+    return _bare_up_down(override, services)
+
+
+COMPOSE_REFERENCE = BareReference("", "bare `docker compose up -d` + `down`", "bare_up_down_s", _compose_seconds)
+
+
+def per_case(replicas: int, repetitions: int, log: Log, reference: BareReference = COMPOSE_REFERENCE,
+             lab_engine: Engine | None = None) -> tuple[dict, list[dict]]:
+    """The overhead figure for ``replicas`` client containers on ``lab_engine`` (Compose by default),
+    against ``reference``, and every repetition's timings."""
     experiment = load_experiment_text(CASE_EXPERIMENT.format(replicas=replicas), "bench-overhead.yaml")
     (case, _), = expand_runs(expand_cases(experiment))
+    where = f" on a single-node {reference.engine}" if reference.engine else ""
     lab_s, bare_s, rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         rundir = RunDir.create(Path(tmp), experiment.name)
-        runner = case_runner(rundir, lambda text: None, trace=True)
+        runner = case_runner(rundir, lambda text: None, lab_engine, trace=True)
         for repetition in range(1, repetitions + 1):
             started = time.monotonic()
             record = runner.run(case, repetition)
             total_s = time.monotonic() - started
             if record["status"] != "ok":
-                raise RuntimeError(f"overhead case with {replicas} clients: {record['status']}: {record['error']}")
+                raise RuntimeError(f"overhead case{where} with {replicas} clients: {record['status']}: "
+                                   f"{record['error']}")
             outside_s = total_s - _workload_s(record)
-            override = next(rundir.compose.glob(f"*r{repetition}*"))
-            services = [scenario.SERVER_SERVICE] + [scenario.client_service(g) for g in experiment.clients]
-            bare = _bare_up_down(override, services)
+            bare = reference.seconds(rundir, repetition, experiment, Path(tmp))
             lab_s.append(outside_s)
             bare_s.append(bare)
             rows.append({"replicas": replicas, "repetition": repetition, "case_s": round(total_s, 3),
                          "workload_s": round(_workload_s(record), 3), "outside_s": round(outside_s, 3),
-                         "bare_up_down_s": round(bare, 3)})
-            log(f"overhead, {replicas} client container(s): case {total_s:.2f} s, outside the workload "
-                f"{outside_s:.2f} s; bare up+down {bare:.2f} s")
-    return figure(f"overhead.case.{replicas}", f"seconds per case outside the workload, {replicas} client "
-                  f"container(s)", "s", lab_s, reference="bare `docker compose up -d` + `down`",
-                  reference_samples=bare_s, target={"max": 1.2}), rows
+                         reference.row_key: round(bare, 3)})
+            log(f"overhead{where}, {replicas} client container(s): case {total_s:.2f} s, outside the workload "
+                f"{outside_s:.2f} s; {reference.label} {bare:.2f} s")
+    prefix = f"{reference.engine}." if reference.engine else ""
+    return figure(f"{prefix}overhead.case.{replicas}", f"seconds per case outside the workload{where}, {replicas} "
+                  f"client container(s)", "s", lab_s, reference=reference.label, reference_samples=bare_s,
+                  target={"max": 1.2}), rows
 
 
 class PhaseClock:

@@ -51,18 +51,17 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlab import build_image, case_runner, engine  # noqa: E402
+from benchlab import build_image, engine  # noqa: E402
 from common import Log, failed_figure, figure, log_to_stderr  # noqa: E402
 from labkit import proc  # noqa: E402
-from labkit.config import load_experiment_text  # noqa: E402
+from labkit.config import Experiment  # noqa: E402
 from labkit.engine.swarm import ENDED_STATES, SCALE_KEY, STACK_LABEL, SwarmEngine, wait_for  # noqa: E402
-from labkit.matrix import expand_cases, expand_runs  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
-from overhead import CASE_EXPERIMENT, _workload_s  # noqa: E402
+from overhead import BareReference, per_case  # noqa: E402
 from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
 from socklab.units import parse_rate_bps  # noqa: E402
 from tests.vm.fabric import Fabric, Vm, build_image as build_vm_image, missing_prerequisite  # noqa: E402
-from tests.vm.guestlab import BASE_IMAGE, in_tree, install_lab, leave_swarm, make_swarm  # noqa: E402
+from tests.vm.guestlab import BASE_IMAGE, in_tree, install_lab, leave_swarm, make_swarm, run_records  # noqa: E402
 
 BARE_S = 300.0
 VM_MEMORY_MIB = [1024, 512, 512]
@@ -153,34 +152,13 @@ def bare_deploy_rm(stack_path: Path, workdir: Path) -> float:
     return time.monotonic() - started
 
 
-def per_case(replicas: int, repetitions: int, log: Log) -> tuple[dict, list[dict]]:
-    """The swarm overhead figure for ``replicas`` client containers, and every repetition's timings."""
-    experiment = load_experiment_text(CASE_EXPERIMENT.format(replicas=replicas), "bench-swarm.yaml")
-    (case, _), = expand_runs(expand_cases(experiment))
-    lab_s, bare_s, rows = [], [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        rundir = RunDir.create(Path(tmp), experiment.name)
-        runner = case_runner(rundir, lambda text: None, SwarmEngine(engine()), trace=True)
-        for repetition in range(1, repetitions + 1):
-            started = time.monotonic()
-            record = runner.run(case, repetition)
-            total_s = time.monotonic() - started
-            if record["status"] != "ok":
-                raise RuntimeError(f"swarm case with {replicas} clients: {record['status']}: {record['error']}")
-            outside_s = total_s - _workload_s(record)
-            (stack_path,) = rundir.compose.glob(f"*r{repetition}*.stack.yaml")
-            bare = bare_deploy_rm(stack_path, Path(tmp))
-            lab_s.append(outside_s)
-            bare_s.append(bare)
-            rows.append({"replicas": replicas, "repetition": repetition, "case_s": round(total_s, 3),
-                         "workload_s": round(_workload_s(record), 3), "outside_s": round(outside_s, 3),
-                         "bare_deploy_rm_s": round(bare, 3)})
-            log(f"swarm overhead, {replicas} client container(s): case {total_s:.2f} s, outside the workload "
-                f"{outside_s:.2f} s; bare stack deploy + rm {bare:.2f} s")
-    return figure(f"swarm.overhead.case.{replicas}", f"seconds per case outside the workload on a single-node "
-                  f"swarm, {replicas} client container(s)", "s", lab_s,
-                  reference="bare `docker stack deploy` + `rm` of the case's stack", reference_samples=bare_s,
-                  target={"max": 1.2}), rows
+def _swarm_seconds(rundir: RunDir, repetition: int, experiment: Experiment, scratch: Path) -> float:
+    (stack_path,) = rundir.compose.glob(f"*r{repetition}*.stack.yaml")
+    return bare_deploy_rm(stack_path, scratch)
+
+
+SWARM_REFERENCE = BareReference("swarm", "bare `docker stack deploy` + `rm` of the case's stack", "bare_deploy_rm_s",
+                                _swarm_seconds)
 
 
 def _swarm_run(manager: Vm, name: str, text: str, log: Log) -> list[dict]:
@@ -190,8 +168,7 @@ def _swarm_run(manager: Vm, name: str, text: str, log: Log) -> list[dict]:
     started = time.monotonic()
     done = in_tree(manager, ["python3", "lab.py", "run", f"/root/{name}.yaml", "--engine", "swarm", "--no-trace",
                              "--out", out], timeout_s=1800)
-    found = manager.exec(["sh", "-c", f"ls {out}/*/*/cases.jsonl"]).stdout.split()
-    records = [json.loads(line) for line in manager.get(found[0]).decode().splitlines()] if found else []
+    records = run_records(manager, out)
     bad = [r for r in records if r["status"] != "ok"]
     if bad:  # the case's own sentence says why
         raise RuntimeError(f"{name}: case {bad[0]['case']}: {bad[0]['status']}: {bad[0]['error']}")
@@ -272,7 +249,7 @@ def run(quick: bool, log: Log) -> dict:
     try:
         figures, rows = [], []
         for replicas in (1, 10):
-            fig, timings = per_case(replicas, 1 if quick else 3, log)
+            fig, timings = per_case(replicas, 1 if quick else 3, log, SWARM_REFERENCE, SwarmEngine(engine()))
             figures.append(fig)
             rows += timings
     finally:

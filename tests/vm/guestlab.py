@@ -51,6 +51,14 @@ def install_lab(vm: Vm) -> None:
     vm.sh(f"cd {GUEST_TREE} && docker compose build server", timeout_s=900, env={"BASE_IMAGE": BASE_IMAGE})
 
 
+def run_records(vm: Vm, out: str) -> list[dict]:
+    """The records of the one run `lab.py run --out OUT` made in ``vm`` (none if it wrote no cases.jsonl)."""
+    found = vm.exec(["sh", "-c", f"ls {out}/*/*/cases.jsonl"]).stdout.split()
+    if len(found) > 1:
+        raise FabricError(f"{out} holds {len(found)} runs, not one: {found}")
+    return [json.loads(line) for line in vm.get(found[0]).decode().splitlines()] if found else []
+
+
 def make_swarm(vms: list[Vm]) -> None:
     """A swarm of ``vms``: the first the manager, the others workers, each with the lab image built there."""
     manager, *workers = vms

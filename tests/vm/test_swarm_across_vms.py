@@ -14,12 +14,11 @@ the lab may be left on any node.
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
 
-from .guestlab import BASE_IMAGE, GUEST_TREE, in_tree, leave_swarm, make_swarm
+from .guestlab import BASE_IMAGE, GUEST_TREE, in_tree, leave_swarm, make_swarm, run_records
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
@@ -81,11 +80,6 @@ def _exit_status(manager, name: str, timeout_s: int = 600) -> str:
     return manager.sh(f"cat /root/{name}.rc").stdout.strip()
 
 
-def _records(vm, out: str) -> list[dict]:
-    (cases,) = vm.sh(f"ls {out}/*/*/cases.jsonl").stdout.split()
-    return [json.loads(line) for line in vm.get(cases).decode().splitlines()]
-
-
 def test_seed_demo_with_the_server_on_vm1_and_the_sender_on_vm2(swarm):
     manager = swarm[0]
     out = "/root/swarm-runs/seed-demo"
@@ -100,7 +94,9 @@ def test_seed_demo_with_the_server_on_vm1_and_the_sender_on_vm2(swarm):
     print(done.stdout[-2500:])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     by_mode = {}
-    for record in _records(manager, out):
+    records = run_records(manager, out)
+    assert len(records) == 2, records
+    for record in records:
         assert record["status"] == "ok", record["error"]
         assert record["expectations"] and all(e["passed"] for e in record["expectations"]), record["expectations"]
         assert record["nodes"] == {"server": "vm1", "sender": "vm2"}
@@ -187,7 +183,7 @@ def test_a_node_lost_mid_case_fails_that_case_by_name_and_the_sweep_goes_on(swar
     lost.process.kill()
     lost.process.wait()
     assert _exit_status(manager, "node-loss") == "1"  # a case failed
-    first, second = _records(manager, out)
+    first, second = run_records(manager, out)
     assert first["status"] == "failed" and first["error"].startswith("node vm2 was lost while the case ran"), \
         first["error"]
     assert first["nodes"]["far"] == "vm2"
