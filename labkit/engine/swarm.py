@@ -50,14 +50,15 @@ from .. import proc
 from ..compose import COMPOSE_FILE, READY_SERVICE, SERVER_SERVICE, ComposeProject
 from ..scenario import SERVER_PORT, TRACE_PATH
 from .base import LAB_LABEL, Finding, LabContainer, LabObject, RoleHandle
-from .compose import ComposeEngine, SdkContainers
+from .compose import ComposeEngine, SdkContainers, lab_image_ref
 from .errors import ContainerGone, EngineError, LabEngineError, StartFailed
 
 STACK_LABEL = "com.docker.stack.namespace"
 NETWORK = "lab"
 IMAGE_ENV = "SOCKLAB_IMAGE"  # what --image sets when it is not given on the command line
 SCALE_KEY = "x-socklab-scale"  # the stack file's own note of the replicas set once the server listens
-TASK_START_S = 60.0
+TASK_START_S = 60.0  # a task the scheduler has not given to a node (a placement no node meets)
+NODE_START_S = 300.0  # tasks a node that is up holds and is still starting
 NODE_TASK_S = 120.0  # a one-shot task on a node (doctor's probe, an exec or a signal there)
 NODES_FRESH_S = 1.0  # how old the list of nodes (and which are down) may be
 SERVER_LISTEN_S = 60.0
@@ -65,6 +66,7 @@ DOWN_S = 60.0
 POLL_S = 0.25
 # Task states (docker/swarmkit) once a task's container exists, and the ones that mean it never will.
 STARTED_STATES = frozenset({"running", "complete", "failed", "shutdown"})
+SCHEDULING_STATES = frozenset({"new", "allocated", "pending"})  # not yet on a node
 REFUSED_STATES = frozenset({"rejected", "orphaned", "remove"})
 ENDED_STATES = frozenset({"complete", "failed", "shutdown"}) | REFUSED_STATES
 # The node's engine socket, mounted into a one-shot task that acts on a container there.
@@ -429,10 +431,12 @@ class SwarmLab:
         """Wait until ``count`` tasks of ``short`` have started, for as long as they make progress.
 
         The bound is on a stall: StartFailed once no task of ``short`` has moved
-        on a state (pending, assigned, preparing, starting, running ...) for
-        TASK_START_S. A node that starts many containers slowly is waited for
-        (ten at once on an emulated CPU: none running after 60 s), one that
-        starts none is not.
+        on a state for TASK_START_S while one still waits for the scheduler, or
+        for NODE_START_S once every waiting task is on a node that is up, whose
+        engine is creating and starting the containers: ten at once on one
+        emulated CPU stay in "starting" for over 60 s, while a placement that no
+        node meets stays "pending" for good. A node lost meanwhile fails the
+        start at once, naming it.
         """
         progress, last_progress = -1, time.monotonic()
         while True:
@@ -440,13 +444,21 @@ class SwarmLab:
             started = len(self._containers_of(tasks, strict=True))
             if started >= count:
                 return
+            waiting = [t for t in tasks if (t.get("Status") or {}).get("State") not in STARTED_STATES]
+            for task in waiting:
+                lost = self.engine.lost_node(task.get("NodeID", ""))
+                if lost:
+                    raise StartFailed(f"node {lost} was lost while the tasks of {short} started")
             now = sum(task_progress(t) for t in tasks)
             if now > progress:
                 progress, last_progress = now, time.monotonic()
-            elif time.monotonic() - last_progress > TASK_START_S:
-                why = self._why_waiting(short)
-                raise StartFailed(f"the tasks of {short} did not all start: {started} of {count}, and none moved "
-                                  f"on within {TASK_START_S:g} s{f': {why}' if why else ''}")
+            else:
+                scheduling = not waiting or any(t["Status"]["State"] in SCHEDULING_STATES for t in waiting)
+                bound = TASK_START_S if scheduling else NODE_START_S
+                if time.monotonic() - last_progress > bound:
+                    why = self._why_waiting(short)
+                    raise StartFailed(f"the tasks of {short} did not all start: {started} of {count}, and none "
+                                      f"moved on within {bound:g} s{f': {why}' if why else ''}")
             time.sleep(POLL_S)
 
     def _listening(self, server: LabContainer) -> bool | None:
@@ -557,9 +569,7 @@ class SwarmEngine:
 
     def lab_image(self) -> str:
         """The image every task runs: --image / SOCKLAB_IMAGE, else the one the Compose build makes."""
-        if self.image:
-            return self.image
-        return resolve([]).get("services", {}).get("server", {}).get("image", "socklab:latest")
+        return self.image or lab_image_ref()
 
     def health(self) -> list[Finding]:
         findings = self._compose.health()

@@ -522,3 +522,35 @@ def test_client_tasks_that_keep_starting_are_waited_for_past_the_bound_and_a_sta
     with pytest.raises(StartFailed, match=r"^the tasks of client-sender did not all start: 0 of 3, and none moved on "
                                           r"within 0\.4 s"):
         lab._wait_started("client-sender", 3)
+
+
+def test_tasks_a_node_holds_are_waited_for_longer_than_ones_no_node_took(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["running"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "TASK_START_S", 0.2)
+    monkeypatch.setattr(swarm, "NODE_START_S", 0.6)
+    sender = client.services_by_name["client-sender"]
+    sender.tasks = lambda: [{**task("starting", slot=i + 1, container=None), "ID": f"t{i}"} for i in range(3)]
+    started = time.monotonic()
+    with pytest.raises(StartFailed, match=r"^the tasks of client-sender did not all start: 0 of 3, and none moved on "
+                                          r"within 0\.6 s"):
+        lab._wait_started("client-sender", 3)
+    assert 0.6 <= time.monotonic() - started < 2.0
+    # One still pending keeps the scheduler's shorter bound.
+    sender.tasks = lambda: [{**task(state, slot=i + 1, container=None), "ID": f"t{i}"}
+                            for i, state in enumerate(["starting", "starting", "pending"])]
+    started = time.monotonic()
+    with pytest.raises(StartFailed, match=r"within 0\.2 s"):
+        lab._wait_started("client-sender", 3)
+    assert time.monotonic() - started < 0.6
+
+
+def test_a_node_lost_while_its_tasks_start_fails_the_start_naming_it(tmp_path, monkeypatch):
+    client = swarm_of(["running"], ["running"])
+    lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
+    monkeypatch.setattr(swarm, "NODES_FRESH_S", 0.0)
+    sender = client.services_by_name["client-sender"]
+    sender.tasks = lambda: [{**task("starting", slot=1, container=None), "ID": "t0"}]
+    client.down.add("n1")
+    with pytest.raises(StartFailed, match=r"^node vm-n1 was lost while the tasks of client-sender started$"):
+        lab._wait_started("client-sender", 1)
