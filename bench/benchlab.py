@@ -39,7 +39,7 @@ BENCH_SERVICES = ("server", "client")
 
 def build_image() -> None:
     """Build (or confirm cached) the lab image; benchmarks never time a build."""
-    ComposeProject("socklab-build").build("server")
+    ComposeEngine().build_image()
 
 
 @contextmanager

@@ -53,9 +53,9 @@ class ComposeProject:
         return proc.run(self._argv(*args), env=self._env(env), cwd=str(REPO_ROOT),
                         check=check, timeout_s=timeout_s)
 
-    def build(self, *services: str) -> None:
+    def build(self, *services: str, env: Mapping[str, str] | None = None) -> None:
         """Build the lab image (cached layers make a rebuild fast)."""
-        self.compose("build", *services, timeout_s=900)
+        self.compose("build", *services, env=env, timeout_s=900)
 
     def up(self, *services: str, env: Mapping[str, str] | None = None, wait: bool = True) -> None:
         """Start ``services`` detached; with ``wait``, until they run and the server (if

@@ -183,6 +183,16 @@ class DockerAPI:
             if "is not running" not in str(exc):
                 raise _convert(f"signal {container.name}", exc) from None
 
+    def image(self, ref: str) -> tuple[str, dict[str, str]] | None:
+        """The id and labels of the image ``ref`` names on this engine; None if it has none by that name."""
+        try:
+            image = self._client.images.get(ref)
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.DockerException as exc:
+            raise _convert(f"inspect image {ref}", exc) from None
+        return image.id, dict(image.labels or {})
+
     def task(self, task_id: str) -> dict | None:
         """A swarm task as the manager knows it (Status, NodeID, ...); None once the swarm forgot it."""
         try:

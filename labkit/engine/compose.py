@@ -15,6 +15,7 @@ signal what it started.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
@@ -33,6 +34,12 @@ from .errors import EngineError, ImageBuildFailed, StartFailed
 BUILD_PROJECT = "socklab-build"
 PROBE_PROJECT = "socklab-doctor"
 DEFAULT_BASE_IMAGE = "python:3.12-slim"  # compose.yaml's default for BASE_IMAGE
+# The lab image is labelled with a digest of what it was built from, so that a run whose
+# sources have not changed does not build at all: a cached `docker compose build` still
+# costs seconds on a host, and half a minute in an emulated VM.
+SOURCES_DIGEST_ENV = "SOCKLAB_SOURCES_DIGEST"  # compose.yaml gives it to the build as this label:
+SOURCES_DIGEST_LABEL = "io.socklab.sources"
+BUILD_CONTEXT = COMPOSE_FILE.parent / "services"
 # Where a role started in a kept container writes its process id.
 PID_DIR = "/run/socklab"
 # What a build prints when it cannot fetch its base image: lookups, pulls and
@@ -42,6 +49,25 @@ _BASE_IMAGE_UNREACHABLE = re.compile(
     r"failed to fetch (anonymous|oauth) token|failed to authorize|dial tcp|no such host|i/o timeout|"
     r"TLS handshake timeout|connection refused|manifest unknown|Pulling from|repository does not exist",
     re.IGNORECASE)
+
+
+def lab_image_ref() -> str:
+    """The lab image compose.yaml builds and runs: socklab:${SOCKLAB_IMAGE_TAG:-latest}."""
+    return f"socklab:{os.environ.get('SOCKLAB_IMAGE_TAG') or 'latest'}"
+
+
+def sources_digest(context: Path, base_image_id: str) -> str:
+    """A digest of what the lab image is built from: every file of the build context (its
+    relative path and bytes, bytecode left out) and the base image's id."""
+    digest = hashlib.sha256(f"base {base_image_id}\n".encode())
+    for path in sorted(p for p in context.rglob("*") if p.is_file()):
+        relative = path.relative_to(context)
+        if "__pycache__" in relative.parts or path.suffix == ".pyc":
+            continue
+        content = path.read_bytes()
+        digest.update(f"{relative.as_posix()} {len(content)} {path.stat().st_mode & 0o111:o}\n".encode())
+        digest.update(content)
+    return digest.hexdigest()
 
 
 def build_failure_reason(output: str, base_image: str) -> str:
@@ -214,10 +240,16 @@ class ComposeEngine:
         return findings
 
     def build_image(self) -> None:
+        """Build the lab image, unless the one there was built from the same sources and base image."""
+        base = os.environ.get("BASE_IMAGE") or DEFAULT_BASE_IMAGE
+        found = self.api.image(base)
+        digest = sources_digest(BUILD_CONTEXT, found[0] if found else "")
+        built = self.api.image(lab_image_ref())
+        if built and found and built[1].get(SOURCES_DIGEST_LABEL) == digest:
+            return
         try:
-            ComposeProject(BUILD_PROJECT).build("server")
+            ComposeProject(BUILD_PROJECT).build("server", env={SOURCES_DIGEST_ENV: digest})
         except proc.CommandError as exc:
-            base = os.environ.get("BASE_IMAGE") or DEFAULT_BASE_IMAGE
             raise ImageBuildFailed(build_failure_reason(exc.stdout + "\n" + exc.stderr, base)) from None
 
     def create(self, definition: Mapping[str, Any], *, name_hint: str, record: Path) -> ComposeLab:

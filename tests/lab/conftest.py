@@ -9,6 +9,7 @@ import pytest
 
 from labkit import proc
 from labkit.compose import ComposeProject
+from labkit.engine.compose import ComposeEngine
 from socklab.results import find_results
 
 
@@ -27,7 +28,7 @@ def lab_image() -> None:
     problem = _engine_problem()
     if problem:
         pytest.skip(f"no Docker engine with Compose v2: {problem}")
-    ComposeProject("socklab-build").build("server")
+    ComposeEngine().build_image()
 
 
 @pytest.fixture

@@ -37,6 +37,27 @@ def only_run_dir(out: Path) -> Path:
     return runs[0]
 
 
+def test_the_lab_image_is_labelled_with_its_sources_and_not_built_again(lab_image, monkeypatch):
+    from labkit.compose import ComposeProject
+    from labkit.engine.compose import (BUILD_CONTEXT, SOURCES_DIGEST_LABEL, ComposeEngine, lab_image_ref,
+                                       sources_digest)
+    from labkit.engine.swarm import resolve
+
+    assert resolve([])["services"]["server"]["image"] == lab_image_ref()  # the name compose.yaml gives it
+    api = DockerAPI()
+    base_id, _ = api.image(os.environ.get("BASE_IMAGE") or "python:3.12-slim")
+    _, labels = api.image(lab_image_ref())
+    assert labels[SOURCES_DIGEST_LABEL] == sources_digest(BUILD_CONTEXT, base_id)
+
+    def build(*args, **kwargs):
+        raise AssertionError("built again from the same sources")
+
+    monkeypatch.setattr(ComposeProject, "build", build)
+    started = time.monotonic()
+    ComposeEngine(api).build_image()
+    print(f"the lab image's check: {time.monotonic() - started:.3f} s")
+
+
 def test_seed_demo_run_writes_the_whole_run_directory(lab_image, tmp_path):
     done = lab("run", "configs/seed-demo.yaml", "--out", str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
