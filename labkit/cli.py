@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--no-trace", action="store_true", help="do not record socket-call traces")
+    p.add_argument("--no-plots", action="store_true",
+                   help="write report.md without plots (`lab.py report RUN_DIR` draws them later)")
     p.add_argument("--reuse", action="store_true",
                    help="keep containers between consecutive cases that have the same containers and links "
                         "(each case's roles run by docker exec; the link is applied afresh for each)")

@@ -8,13 +8,16 @@ traces/), so a run can be re-reported on another machine without Docker.
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from . import markdown, plots
+from . import markdown
 from .config import ClientGroup, LinkConfig
 from .matrix import Case
 from .rundir import LoadedRun, RunDir
 from .summary import RunSummary
+
+if TYPE_CHECKING:
+    from . import plots
 
 # The metrics of the case tables, per client group and the server's.
 # A column no case has a value in (latency in a bulk run) is left out.
@@ -134,13 +137,18 @@ def render(run: LoadedRun, plot_files: Sequence[plots.PlotFile] = ()) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def write_report(rundir: RunDir) -> list[plots.PlotFile]:
-    """Rebuild summary.csv, plots/*.png and report.md from the run directory's own files.
+def write_report(rundir: RunDir, draw: bool = True) -> list[plots.PlotFile]:
+    """Rebuild summary.csv, plots/*.png (unless not ``draw``) and report.md from the run directory's own files.
 
     Returns the plots that were drawn (those the run has data for).
     """
     run = rundir.load()
     rundir.write_text("summary.csv", run.summary.csv_text())
-    drawn = plots.draw_plots([run], rundir.path / "plots")
+    drawn = []
+    if draw:
+        # Imported here: matplotlib alone takes seconds to load on a slow machine.
+        from . import plots
+
+        drawn = plots.draw_plots([run], rundir.path / "plots")
     rundir.write_text("report.md", render(run, drawn))
     return drawn

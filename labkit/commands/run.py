@@ -149,7 +149,7 @@ def cmd_run(args) -> int:
             interrupted = interrupts.received or "SIGINT"
         finally:
             runner.close()
-    _finish(rundir)
+    _finish(rundir, draw=not args.no_plots)
     if interrupted:
         progress_line(f"\ninterrupted by {interrupted}: the lab's containers are removed and the finished "
                       f"cases kept; resume with: python lab.py run --resume {rundir.path}")
@@ -160,8 +160,8 @@ def cmd_run(args) -> int:
     return 0 if all(records.record_passed(r) for r in all_records) else 1
 
 
-def _finish(rundir) -> None:
+def _finish(rundir, draw: bool) -> None:
     from .. import report
 
     rundir.finish()
-    report.write_report(rundir)
+    report.write_report(rundir, draw=draw)

@@ -102,6 +102,15 @@ def test_report_writes_its_files_and_embeds_exactly_the_plots_drawn(tmp_path, fi
     assert (run / "summary.csv").read_text().startswith("case,")
 
 
+def test_a_report_without_plots_draws_none_and_embeds_none(tmp_path):
+    run = copy_run(BULK, tmp_path)
+    assert report.write_report(RunDir.open_existing(run), draw=False) == []
+    assert not (run / "plots").exists()
+    text = (run / "report.md").read_text()
+    assert "](plots/" not in text and text.startswith("# report-bulk\n")
+    assert (run / "summary.csv").read_text().startswith("case,")
+
+
 def test_report_names_the_experiment_engine_and_every_case_setting(tmp_path):
     run = copy_run(BULK, tmp_path)
     report.write_report(RunDir.open_existing(run))
