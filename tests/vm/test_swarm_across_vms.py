@@ -59,7 +59,7 @@ def _start_run(manager, name: str, text: str) -> str:
     """
     manager.put(f"/root/{name}.yaml", text.encode())
     out = f"/root/swarm-runs/{name}"
-    run = f"python3 lab.py run /root/{name}.yaml --engine swarm --out {out} > /root/{name}.log 2>&1"
+    run = f"python3 lab.py run /root/{name}.yaml --engine swarm --no-plots --out {out} > /root/{name}.log 2>&1"
     manager.sh(f"cd {GUEST_TREE} && BASE_IMAGE={BASE_IMAGE} setsid sh -c '{run} & echo $! > /root/{name}.pid; "
                f"wait $!; echo $? > /root/{name}.rc' < /dev/null > /dev/null 2>&1 &")
     return out
@@ -85,7 +85,7 @@ def test_seed_demo_with_the_server_on_vm1_and_the_sender_on_vm2(swarm):
     out = "/root/swarm-runs/seed-demo"
     # The tutorial's facts need a payload far above every socket buffer, not its 136 MB:
     # 10 MB through 10 Mbit/s with 20 ms each way, as the backends' comparison narrows it.
-    argv = ["python3", "lab.py", "run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1",
+    argv = ["python3", "lab.py", "run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--no-plots",
             "--out", out, "--set", "server.placement=node.hostname == vm1",
             "--set", "clients.sender.placement=node.hostname == vm2",
             "--set", "clients.sender.workload.bytes=10MB", "--set", "clients.sender.link.rate=10mbit",
@@ -124,6 +124,55 @@ def test_doctor_lists_every_node_with_its_kernel_backend_and_image(swarm):
     assert sorted(lines) == ["vm0", "vm1", "vm2"], done.stdout
     for line in lines.values():
         assert "kernel 6.1" in line and "backend netem" in line and "has socklab:latest" in line, line
+
+
+# configs/concurrency.yaml's epoll case at 10 connections a container, its clients in two groups of
+# ten containers: the lab places the server on vm0 and one group on each worker.
+CROWD = """\
+name: concurrency-across-hosts
+description: Twenty client containers on two nodes, ten epoll connections each, against one epoll server.
+repeat: 1
+timeout: 300s
+server: {mode: epoll}
+clients:
+  - name: left
+    replicas: 10
+    connections: 10
+    mode: epoll
+    workload: {kind: echo, requests: 20, size: 1KiB}
+  - name: right
+    replicas: 10
+    connections: 10
+    mode: epoll
+    workload: {kind: echo, requests: 20, size: 1KiB}
+expect:
+  - name: every round trip of every connection completes
+    check: "left.bytes_delivered == left.bytes_requested and right.bytes_delivered == right.bytes_requested
+            and server.connections == left.connections + right.connections"
+  - name: an event-loop server serves every connection from one thread
+    check: "server.threads_max == 1"
+"""
+
+
+def test_the_concurrency_experiment_with_twenty_client_containers_on_two_nodes(swarm):
+    manager = swarm[0]
+    manager.put("/root/crowd.yaml", CROWD.encode())
+    out = "/root/swarm-runs/crowd"
+    done = in_tree(manager, ["python3", "lab.py", "run", "/root/crowd.yaml", "--engine", "swarm", "--no-trace",
+                             "--no-plots", "--out", out], timeout_s=900)
+    print(done.stdout[-2500:])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    (record,) = run_records(manager, out)
+    assert record["status"] == "ok", record["error"]
+    assert len(record["expectations"]) == 2 and all(e["passed"] for e in record["expectations"])
+    nodes = record["nodes"]
+    assert nodes.pop("server") == "vm0"
+    assert sorted(nodes) == sorted(f"{group}#{i}" if i else group for group in ("left", "right") for i in range(10))
+    assert {node for key, node in nodes.items() if key.startswith("left")} == {"vm1"}
+    assert {node for key, node in nodes.items() if key.startswith("right")} == {"vm2"}
+    assert record["server"]["connections"] == 200 and record["server"]["max_concurrent"] >= 10
+    assert sum(c["bytes_delivered"] for c in record["clients"]) == 200 * 20 * 1024
+    _nothing_of_the_lab_left(swarm)
 
 
 # A bulk upload from vm2 to the server on vm1 through 10 Mbit/s: 19 s of workload to interrupt.
