@@ -26,14 +26,6 @@ HEADLINE: list[tuple[str, str]] = [
 
 # figure id -> why its target is missed (measured, profiled), one paragraph.
 WHY: dict[str, str] = {
-    "swarm.cross.concurrency.20": (
-        "Not measured: the case did not start. On the swarm of three emulated VMs (QEMU TCG, one vCPU, "
-        "512 MiB per worker), the ten tasks of the group placed on vm1 did not move on from their state "
-        "for 60 s, so the lab failed the case as stalled (\"the tasks of client-left did not all start: 0 "
-        "of 10, and none moved on within 60 s\", in the benchmark's log and in an earlier try with a 60 s "
-        "bound on all of them); the message recorded here is the last line of the run's output. Ten "
-        "containers created at once on one emulated CPU are the suspect, not confirmed; the case of "
-        "two client containers across the same nodes (goodput, round trip) starts within seconds."),
     "link.rtt.userspace.1ms": (
         "A fixed cost of the userspace backend, not its timing. Every packet leaves the kernel for the "
         "delay line (a Python process) over NFQUEUE and comes back by a verdict (down) or as a copy sent "

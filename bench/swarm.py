@@ -31,10 +31,10 @@ and the clients on vm2:
   as the record gives it);
 - the echo round trip with 20 ms each way on the client's link, against 40 ms
   plus the unshaped round trip between the same nodes, same repetition (both
-  with 40 ms of think time: an emulated process wakes slower after a wait);
-- one case (once) of twenty client containers, ten on vm1 and ten on vm2 (ten epoll
-  connections each), against an epoll server on vm0: the connections it served
-  against those asked for.
+  with 40 ms of think time: an emulated process wakes slower after a wait).
+
+Twenty client containers on two nodes is a check, not a figure: the VM tier's
+test_swarm_across_vms.py runs it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlab import build_image, engine  # noqa: E402
-from common import Log, failed_figure, figure, log_to_stderr  # noqa: E402
+from common import Log, figure, log_to_stderr  # noqa: E402
 from labkit import proc  # noqa: E402
 from labkit.config import Experiment  # noqa: E402
 from labkit.engine.swarm import ENDED_STATES, SCALE_KEY, STACK_LABEL, SwarmEngine, wait_for  # noqa: E402
@@ -61,10 +61,10 @@ from overhead import BareReference, per_case  # noqa: E402
 from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
 from socklab.units import parse_rate_bps  # noqa: E402
 from tests.vm.fabric import Fabric, Vm, build_image as build_vm_image, missing_prerequisite  # noqa: E402
-from tests.vm.guestlab import BASE_IMAGE, in_tree, install_lab, leave_swarm, make_swarm, run_records  # noqa: E402
+from tests.vm.guestlab import (BASE_IMAGE, FABRIC_MEMORY_MIB, in_tree, install_lab,  # noqa: E402
+                               leave_swarm, make_swarm, run_records)
 
 BARE_S = 300.0
-VM_MEMORY_MIB = [1024, 512, 512]
 
 CROSS_GOODPUT = """\
 name: cross-host-goodput
@@ -96,28 +96,6 @@ clients:
 matrix:
   clients.pinger.link.delay: [0ms, 20ms]
 """
-CROSS_CONCURRENCY = """\
-name: cross-host-concurrency
-description: Twenty client containers, ten on vm1 and ten on vm2, against one epoll server on vm0.
-repeat: {repeat}
-timeout: 300s
-server: {{mode: epoll, placement: [node.hostname == vm0]}}
-clients:
-  - name: left
-    replicas: 10
-    connections: 10
-    mode: epoll
-    placement: [node.hostname == vm1]
-    workload: {{kind: echo, requests: 20, size: 1KiB}}
-  - name: right
-    replicas: 10
-    connections: 10
-    mode: epoll
-    placement: [node.hostname == vm2]
-    workload: {{kind: echo, requests: 20, size: 1KiB}}
-"""
-
-
 def _swarm_state() -> str:
     return proc.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"], timeout_s=30).stdout.strip()
 
@@ -180,14 +158,14 @@ def _swarm_run(manager: Vm, name: str, text: str, log: Log) -> list[dict]:
 
 
 def cross_host(quick: bool, log: Log) -> tuple[list[dict], dict]:
-    """Goodput, round trips and twenty client containers across the hosts of a three-VM swarm."""
+    """Goodput and round trips across the hosts of a three-VM swarm."""
     problem = missing_prerequisite(BASE_IMAGE)
     if problem:
         raise RuntimeError(f"no VMs here: {problem}")
     repeat = 1 if quick else 2
     image = build_vm_image(env={"BASE_IMAGE": BASE_IMAGE})
     with tempfile.TemporaryDirectory(prefix="socklab-bench-swarm-") as workdir:
-        with Fabric(image, Path(workdir), count=3, memory_mib=VM_MEMORY_MIB) as fabric:
+        with Fabric(image, Path(workdir), count=3, memory_mib=FABRIC_MEMORY_MIB) as fabric:
             fabric.wait_docker()
             install_lab(fabric.vms[0])
             make_swarm(fabric.vms)
@@ -196,12 +174,6 @@ def cross_host(quick: bool, log: Log) -> tuple[list[dict], dict]:
                 manager = fabric.vms[0]
                 goodput = _swarm_run(manager, "cross-host-goodput", CROSS_GOODPUT.format(repeat=repeat), log)
                 rtt = _swarm_run(manager, "cross-host-rtt", CROSS_RTT.format(repeat=repeat), log)
-                try:
-                    crowd, crowd_error = _swarm_run(manager, "cross-host-concurrency",
-                                                    CROSS_CONCURRENCY.format(repeat=1), log), ""
-                except RuntimeError as exc:  # the other figures stand without it
-                    crowd, crowd_error = [], str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    log(f"cross-host-concurrency: {exc}")
             finally:
                 leave_swarm(fabric.vms)
     figures = []
@@ -220,22 +192,11 @@ def cross_host(quick: bool, log: Log) -> tuple[list[dict], dict]:
     figures.append(figure("swarm.cross.rtt.20ms", "echo round trip vm2 -> vm1 with 20 ms each way (p50)", "ms",
                           [m for m, _ in pairs], reference="2 x delay + unshaped round trip vm2 -> vm1, same run",
                           reference_samples=[e for _, e in pairs], target={"within": 0.05}))
-    crowd_label = "connections served from 20 client containers on two nodes (10 epoll connections each)"
-    if crowd:
-        served = [r["server"]["connections"] for r in crowd]
-        figures.append(figure("swarm.cross.concurrency.20", crowd_label, "connections", served,
-                              reference="connections asked for", reference_samples=[200] * len(served),
-                              target={"min": 1.0}))
-    else:
-        figures.append(failed_figure("swarm.cross.concurrency.20", crowd_label, "connections", crowd_error,
-                                     reference="connections asked for", target={"min": 1.0}))
     details = {
         "mtu": sorted({r["link"]["mtu"] for r in goodput}),
         "backend": sorted({r["link"]["backend"] for r in goodput + rtt}),
-        "nodes": {"goodput": goodput[0]["nodes"], "rtt": rtt[0]["nodes"],
-                  "concurrency": sorted(set(crowd[0]["nodes"].values())) if crowd else []},
+        "nodes": {"goodput": goodput[0]["nodes"], "rtt": rtt[0]["nodes"]},
         "unshaped_rtt_ms": [p["0ms"] for p in by_repetition.values()],
-        "concurrency_case_wall_s": [round(r["wall_s"], 1) for r in crowd],
     }
     return figures, details
 
