@@ -96,6 +96,8 @@ clients:
 matrix:
   clients.pinger.link.delay: [0ms, 20ms]
 """
+
+
 def _swarm_state() -> str:
     return proc.run(["docker", "info", "--format", "{{.Swarm.LocalNodeState}}"], timeout_s=30).stdout.strip()
 

@@ -51,6 +51,11 @@ _BASE_IMAGE_UNREACHABLE = re.compile(
     re.IGNORECASE)
 
 
+def base_image_ref() -> str:
+    """The image compose.yaml builds the lab image from: ${BASE_IMAGE:-python:3.12-slim}."""
+    return os.environ.get("BASE_IMAGE") or DEFAULT_BASE_IMAGE
+
+
 def lab_image_ref() -> str:
     """The lab image compose.yaml builds and runs: socklab:${SOCKLAB_IMAGE_TAG:-latest}."""
     return f"socklab:{os.environ.get('SOCKLAB_IMAGE_TAG') or 'latest'}"
@@ -241,7 +246,7 @@ class ComposeEngine:
 
     def build_image(self) -> None:
         """Build the lab image, unless the one there was built from the same sources and base image."""
-        base = os.environ.get("BASE_IMAGE") or DEFAULT_BASE_IMAGE
+        base = base_image_ref()
         found = self.api.image(base)
         digest = sources_digest(BUILD_CONTEXT, found[0] if found else "")
         built = self.api.image(lab_image_ref())

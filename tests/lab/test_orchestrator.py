@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from labkit.compose import ComposeProject
 from labkit.docker_api import DockerAPI
+from labkit.engine.compose import (BUILD_CONTEXT, SOURCES_DIGEST_LABEL, ComposeEngine, base_image_ref, lab_image_ref,
+                                   sources_digest)
+from labkit.engine.swarm import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.docker
@@ -38,14 +41,9 @@ def only_run_dir(out: Path) -> Path:
 
 
 def test_the_lab_image_is_labelled_with_its_sources_and_not_built_again(lab_image, monkeypatch):
-    from labkit.compose import ComposeProject
-    from labkit.engine.compose import (BUILD_CONTEXT, SOURCES_DIGEST_LABEL, ComposeEngine, lab_image_ref,
-                                       sources_digest)
-    from labkit.engine.swarm import resolve
-
     assert resolve([])["services"]["server"]["image"] == lab_image_ref()  # the name compose.yaml gives it
     api = DockerAPI()
-    base_id, _ = api.image(os.environ.get("BASE_IMAGE") or "python:3.12-slim")
+    base_id, _ = api.image(base_image_ref())
     _, labels = api.image(lab_image_ref())
     assert labels[SOURCES_DIGEST_LABEL] == sources_digest(BUILD_CONTEXT, base_id)
 
@@ -181,7 +179,7 @@ def test_clean_removes_what_carries_the_label_and_nothing_else(project):
     project.up("server", env={"SERVER_MAX_CONNECTIONS": "1000"})
     bystander = f"{project.name}-unlabelled"
     subprocess.run(["docker", "run", "-d", "--name", bystander, "--entrypoint", "sleep",
-                    f"socklab:{os.environ.get('SOCKLAB_IMAGE_TAG', 'latest')}", "120"], check=True,
+                    lab_image_ref(), "120"], check=True,
                    capture_output=True)
     try:
         done = lab("clean")
