@@ -55,7 +55,7 @@ from benchlab import build_image, engine  # noqa: E402
 from common import Log, figure, log_to_stderr  # noqa: E402
 from labkit import proc  # noqa: E402
 from labkit.config import Experiment  # noqa: E402
-from labkit.engine.swarm import ENDED_STATES, SCALE_KEY, STACK_LABEL, SwarmEngine, wait_for  # noqa: E402
+from labkit.engine.swarm import ENDED_STATES, SCALE_KEY, STACK_LABEL, SwarmEngine, task_state, wait_for  # noqa: E402
 from labkit.rundir import RunDir  # noqa: E402
 from overhead import BareReference, per_case  # noqa: E402
 from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
@@ -115,7 +115,7 @@ def bare_deploy_rm(stack_path: Path, workdir: Path) -> float:
     flt = {"label": f"{STACK_LABEL}={name}"}
 
     def clients_ended() -> bool | None:
-        states = [t["Status"]["State"] for s in client.services.list(filters=flt) if not s.name.endswith("_server")
+        states = [task_state(t) for s in client.services.list(filters=flt) if not s.name.endswith("_server")
                   for t in s.tasks()]
         return True if len(states) >= clients and all(state in ENDED_STATES for state in states) else None
 

@@ -175,6 +175,11 @@ def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, *,
         raise StartFailed(f"{what} within {timeout_s:g} s{f': {reason}' if reason else ''}") from None
 
 
+def task_state(task: Mapping[str, Any] | None) -> str:
+    """A task's state as the swarm last reported it ("" if it reported none)."""
+    return ((task or {}).get("Status") or {}).get("State", "")
+
+
 def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str, str]) -> LabContainer | None:
     """A task as the orchestrator's container: None until its container exists.
 
@@ -182,7 +187,7 @@ def task_container(task: Mapping[str, Any], stack: str, node_names: Mapping[str,
     missing): waiting cannot help then.
     """
     status = task.get("Status") or {}
-    state = status.get("State", "")
+    state = task_state(task)
     service = task.get("_service", "")
     short = service.removeprefix(f"{stack}_")
     if state in REFUSED_STATES:
@@ -205,16 +210,15 @@ TASK_STATE_ORDER = ("new", "allocated", "pending", "assigned", "accepted", "prep
 
 def task_progress(task: Mapping[str, Any]) -> int:
     """How far a task has come, as the rank of its state (0 for one unknown)."""
-    state = (task.get("Status") or {}).get("State", "")
+    state = task_state(task)
     return TASK_STATE_ORDER.index(state) + 1 if state in TASK_STATE_ORDER else 0
 
 
 def task_exit_code(task: Mapping[str, Any] | None) -> int | None:
     """How a task's container ended: None while it has not (or never had one)."""
-    status = (task or {}).get("Status") or {}
-    if status.get("State") not in ENDED_STATES:
+    if task_state(task) not in ENDED_STATES:
         return None
-    code = (status.get("ContainerStatus") or {}).get("ExitCode")
+    code = (task["Status"].get("ContainerStatus") or {}).get("ExitCode")  # an ended task has a status
     return None if code is None else int(code)
 
 
@@ -232,7 +236,7 @@ class TaskRole:
         if task is None:
             raise ContainerGone(f"the task of {self.container.name} disappeared while its case ran "
                                 "(its stack removed from outside the run?)")
-        if (task.get("Status") or {}).get("State") not in ENDED_STATES:
+        if task_state(task) not in ENDED_STATES:
             lost = self.lab.engine.lost_node(task.get("NodeID", ""))
             if lost:
                 raise ContainerGone(f"node {lost} was lost while the case ran, and {self.container.service}'s "
@@ -240,7 +244,7 @@ class TaskRole:
         return task
 
     def running(self) -> bool:
-        return (self._task().get("Status") or {}).get("State") not in ENDED_STATES
+        return task_state(self._task()) not in ENDED_STATES
 
     def exit_code(self) -> int | None:
         return task_exit_code(self._task())
@@ -360,7 +364,7 @@ class SwarmLab:
     def _why_waiting(self, short: str) -> str:
         """What the swarm says of ``short``'s tasks that have not started (a placement no node meets)."""
         said = {(t.get("Status") or {}).get("Err") for t in self._tasks(short)
-                if (t.get("Status") or {}).get("State") not in STARTED_STATES}
+                if task_state(t) not in STARTED_STATES}
         return "; ".join(sorted(f"the swarm says {reason!r}" for reason in said if reason))
 
     def task_of(self, container: LabContainer) -> dict:
@@ -444,7 +448,7 @@ class SwarmLab:
             started = len(self._containers_of(tasks, strict=True))
             if started >= count:
                 return
-            waiting = [t for t in tasks if (t.get("Status") or {}).get("State") not in STARTED_STATES]
+            waiting = [t for t in tasks if task_state(t) not in STARTED_STATES]
             for task in waiting:
                 lost = self.engine.lost_node(task.get("NodeID", ""))
                 if lost:
@@ -453,7 +457,7 @@ class SwarmLab:
             if now > progress:
                 progress, last_progress = now, time.monotonic()
             else:
-                scheduling = not waiting or any(t["Status"]["State"] in SCHEDULING_STATES for t in waiting)
+                scheduling = not waiting or any(task_state(t) in SCHEDULING_STATES for t in waiting)
                 bound = TASK_START_S if scheduling else NODE_START_S
                 if time.monotonic() - last_progress > bound:
                     why = self._why_waiting(short)
@@ -651,7 +655,7 @@ class SwarmEngine:
         try:
             def ended() -> str | None:
                 for task in service.tasks():
-                    state = (task.get("Status") or {}).get("State")
+                    state = task_state(task)
                     if state in REFUSED_STATES:
                         raise StartFailed(task["Status"].get("Err") or state)
                     if state in ENDED_STATES:
@@ -737,4 +741,4 @@ def backend_of(caps: Mapping[str, Any]) -> str:
 
 
 __all__ = ["ContainerGone", "SwarmEngine", "SwarmLab", "backend_of", "escape_dollars", "stack_file",
-           "task_container", "wait_for"]
+           "task_container", "task_state", "wait_for"]

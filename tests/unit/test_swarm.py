@@ -16,7 +16,7 @@ from labkit.cli import build_parser
 from labkit.engine import LAB_LABEL, ContainerGone, LabEngineError, StartFailed, open_engine
 from labkit.engine import swarm
 from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, spread_placement, stack_file,
-                                 task_container, wait_for)
+                                 task_container, task_state, wait_for)
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.entry import ENV_EMIT_FILES
@@ -176,6 +176,11 @@ def task(state: str, *, slot: int = 1, container: str | None = "c0ffee", err: st
     if container:
         status["ContainerStatus"] = {"ContainerID": container}
     return {"ID": f"t{slot}", "Slot": slot, "NodeID": "n1", "Status": status, "_service": "st_client-a"}
+
+
+def test_a_tasks_state_is_what_the_swarm_last_reported_or_empty():
+    assert task_state(task("starting")) == "starting"
+    assert task_state({"ID": "t1"}) == task_state({"Status": None}) == task_state(None) == ""
 
 
 def test_a_task_is_a_container_once_its_container_exists():
