@@ -25,6 +25,7 @@ SECTIONS = {
     "scale": "Scale: concurrent connections held",
     "vm": "Link fidelity on a stock kernel with netem, inside an emulated VM",
     "swarm": "Lab overhead on Docker Swarm",
+    "tracer": "Socket-call tracer overhead (socklab.usertrace)",
 }
 HEADLINE_BEGIN = "<!-- bench:headline (made by bench/render.py from bench/results/benchmarks.json) -->"
 HEADLINE_END = "<!-- /bench:headline -->"

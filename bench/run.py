@@ -6,6 +6,7 @@
     python3 bench/run.py --only echo,scale         # some of them
     python3 bench/run.py --only swarm --merge      # measure some again, into the full results and
                                                    # BENCHMARKS.md (each such section says when)
+    python3 bench/run.py --only tracer --merge     # the socket-call tracer's overhead (no containers, ~1 min)
 
 Benchmarks, not tests: each measures on real containers of a project of its
 own (removed afterwards) and reports figures against references measured in
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, RESULTS_SCHEMA, ROOT, environment  # noqa: E402
 from render import render, replace_headline  # noqa: E402
 
-BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm", "swarm")
+BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm", "swarm", "tracer")
 
 
 def _log(text: str) -> None:

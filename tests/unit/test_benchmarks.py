@@ -42,7 +42,7 @@ def test_readme_headline_is_the_rendering_of_the_committed_results(results):
 def test_the_committed_run_is_complete(results):
     assert results["schema"] == common.RESULTS_SCHEMA
     assert results["quick"] is False
-    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale", "vm", "swarm"}
+    assert set(results["benchmarks"]) == {"fidelity", "overhead", "echo", "scale", "vm", "swarm", "tracer"}
     for name, bench in results["benchmarks"].items():
         assert "error" not in bench, f"{name}: {bench.get('error')}"
         assert bench["figures"], name
@@ -95,7 +95,7 @@ def test_run_refuses_an_unknown_benchmark_in_one_sentence():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm, swarm"]
+        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm, swarm, tracer"]
 
 
 # ------------------------------------------------- the roles benchmarks start

@@ -61,9 +61,3 @@ class Connection:
             "closed_by": self.closed_by,
         }
 
-
-
-def format_peer(address: Any) -> str:
-    """A peer's sockaddr as ``host:port`` (``[host]:port`` for IPv6)."""
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..errors import SocklabError
 from ..results import cpu_seconds, emit_result, peak_rss_kib
-from .connection import Connection, format_peer
+from ..address import format_peer
+from .connection import Connection
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the server prints on stderr once it listens: the orchestrator waits for it.
