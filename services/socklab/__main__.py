@@ -17,6 +17,7 @@ ROLES = {
     "entry": "socklab.entry",
     "summary": "socklab.summary",
     "node": "socklab.node",
+    "program": "socklab.program",
 }
 
 

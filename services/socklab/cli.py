@@ -46,6 +46,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_arg(text: str) -> int:
+    """argparse type for a TCP port to connect to or watch (1-65535)."""
+    port = positive_int(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
+
+
 def run_main(main: Callable[[Sequence[str]], int], argv: Sequence[str]) -> NoReturn:
     """Run a role's main, turning an error into its sentence, a failure line and an exit code.
 

@@ -24,7 +24,7 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any, Sequence
 
-from .cli import ArgumentParser, duration_arg, positive_int, size_arg
+from .cli import ArgumentParser, duration_arg, port_arg, positive_int, size_arg
 from .conns import AsyncConn, ConnBase, Mode, Settings, SocketConn, run_asyncio, run_shared_loop, run_threads
 from .percentile import latency_summary_ms as latency_summary
 from .results import cpu_seconds, emit_result
@@ -72,13 +72,6 @@ def _chunk_arg(text: str) -> int | None:
     return _positive(size_arg)(text)
 
 
-def _port_arg(text: str) -> int:
-    port = positive_int(text)
-    if port > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
-    return port
-
-
 def _pattern_arg(text: str) -> bytes:
     # Taken literally: the orchestrator passes the string its YAML decoded,
     # and escapes interpreted here would change a pattern behind its back.
@@ -93,7 +86,7 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="socklab client", description=__doc__.splitlines()[0])
     p.add_argument("--mode", required=True, choices=list(MODES))
     p.add_argument("--host", required=True, help="server name or address")
-    p.add_argument("--port", required=True, type=_port_arg)
+    p.add_argument("--port", required=True, type=port_arg)
     p.add_argument("--workload", required=True, choices=list(WORKLOADS))
     p.add_argument("--connections", type=positive_int, default=1,
                    help="concurrent connections in this process (default 1)")
@@ -125,6 +118,9 @@ def build_parser() -> ArgumentParser:
                    help="bound on waiting for the server's EOF or an echo reply (default 60s)")
     p.add_argument("--sndbuf", type=_positive(size_arg), help="SO_SNDBUF for each socket")
     p.add_argument("--rcvbuf", type=_positive(size_arg), help="SO_RCVBUF for each socket")
+    p.add_argument("--no-trailer", dest="trailer", action="store_false",
+                   help="the server is not the lab's (a program of the user's): read to its EOF without "
+                        "expecting the trailer that says how many bytes arrived")
     p.add_argument("--trace", metavar="FILE", help="write every socket call here (gzip JSON lines)")
     p.add_argument("--result-file", metavar="PATH", help="also write the result line here")
     return p
@@ -282,7 +278,7 @@ def main(argv: Sequence[str]) -> int:
         family=family, address=address, sndbuf_bytes=args.sndbuf, rcvbuf_bytes=args.rcvbuf,
         eof_wait_s=args.eof_wait, connect_timeout_s=args.connect_timeout,
         deadline=None if args.deadline is None else Limit(origin_s + args.deadline, "deadline"),
-        clock=clock, origin_s=origin_s, tracer=tracer)
+        clock=clock, origin_s=origin_s, tracer=tracer, trailer=args.trailer)
     conn_class = AsyncConn if mode.uses_asyncio else SocketConn
     conns: list[ConnBase] = [conn_class(i, mode, settings) for i in range(args.connections)]
     loops: list[EventLoop] = []

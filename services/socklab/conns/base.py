@@ -47,6 +47,8 @@ class Settings:
     clock: Callable[[], float]
     origin_s: float
     tracer: Tracer | None
+    # False when the server is not the lab's (a program of the user's): it owes no trailer.
+    trailer: bool = True
 
 
 def errno_name(exc: OSError) -> str:
@@ -145,6 +147,8 @@ class ConnBase(abc.ABC):
 
     def _take_trailer(self, tail: bytes) -> None:
         self.eof_at = self.clock()
+        if not self.settings.trailer:
+            return  # what arrived is the server's to say
         delivered = parse_trailer(tail)
         if delivered is None:
             self.errors.append("the server closed the connection without a SOCKLAB-RCVD trailer")
