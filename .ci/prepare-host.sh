@@ -54,8 +54,12 @@ ensure_compose_v2() {
 }
 
 # No registry here: build the base image from Debian packages with debootstrap.
+# The packages the base carries, also its label: a base made with fewer (an older
+# prepare) is made again, since the image then lacks a tool the lab uses.
+BASE_PACKAGES=python3,iproute2,iptables,iperf3,strace
 ensure_base_image() {
-    if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+    if [ "$(docker image inspect -f '{{index .Config.Labels "io.socklab.base-packages"}}' "$BASE_IMAGE" 2>/dev/null)" \
+            = "$BASE_PACKAGES" ]; then
         log "base image $BASE_IMAGE present"
         return
     fi
@@ -64,11 +68,12 @@ ensure_base_image() {
     mirror=$(debian_mirror)
     rm -rf "$rootfs"
     log "debootstrap bookworm into $rootfs"
-    debootstrap --variant=minbase --include=python3,iproute2,iptables,iperf3 \
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" \
         bookworm "$rootfs" "$mirror" >"$STATE_DIR/debootstrap.log" 2>&1 \
         || { tail -n 20 "$STATE_DIR/debootstrap.log" >&2; exit 3; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
-    tar -C "$rootfs" -c . | docker import -c 'CMD ["python3"]' - "$BASE_IMAGE" >/dev/null
+    tar -C "$rootfs" -c . | docker import -c 'CMD ["python3"]' \
+        -c "LABEL io.socklab.base-packages=$BASE_PACKAGES" - "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
     log "base image $BASE_IMAGE imported"
 }

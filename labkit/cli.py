@@ -1,6 +1,7 @@
 """lab.py's command line: parse, dispatch to a command of labkit.commands, map errors to exit codes.
 
     run      labkit/commands/run.py       an experiment's cases on the engine
+    try      labkit/commands/trial.py     a program of the user's on a shaped link, no YAML
     check    labkit/commands/check.py     validate an experiment (and list: configs/)
     doctor   labkit/commands/doctor.py    every check of the engine, image and kernel
     report   labkit/commands/report.py    rebuild a run's report (and compare: runs side by side)
@@ -29,6 +30,8 @@ from .commands.doctor import cmd_doctor
 from .commands.link import cmd_link
 from .commands.report import cmd_compare, cmd_report
 from .commands.run import INTERRUPTED_EXIT, cmd_run
+from .commands.trial import cmd_try
+from .config import SERVER_MODES
 from .engine import ENGINES
 
 # ------------------------------------------------------------------------ main
@@ -64,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(each case's roles run by docker exec; the link is applied afresh for each)")
     _engine_options(p, image=True)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("try", help="run a program of yours against a server on a shaped link (no YAML)")
+    p.add_argument("program", metavar="PROGRAM.py")
+    server = p.add_mutually_exclusive_group()
+    server.add_argument("--server", metavar="SERVER.py", help="a server program of yours (arguments: {port})")
+    server.add_argument("--server-mode", choices=SERVER_MODES, help="a built-in server (default blocking)")
+    p.add_argument("--link", metavar="KEY=VALUE,...", help="the program's link, e.g. rate=10mbit,delay=20ms "
+                                                          "(up.KEY, down.KEY for one direction)")
+    p.add_argument("--timeout", default="120s", help="bound on the run (default 120s)")
+    p.add_argument("--out", help="directory for run directories (default results/)")
+    p.add_argument("args", nargs="*", metavar="-- ARGS",
+                   help="the program's arguments ({host} and {port} filled in; default: {host} {port})")
+    p.set_defaults(func=cmd_try)
 
     p = sub.add_parser("check", help="validate an experiment, print its cases")
     p.add_argument("config")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from . import stats
-from .config import Experiment
+from .config import Experiment, Program
 from .matrix import Case
 from .schema import RECORD_SCHEMA as SCHEMA
 # Client result fields every record carries (null where they do not apply).
@@ -50,6 +50,41 @@ def server_record(result: Mapping[str, Any] | None) -> dict[str, Any] | None:
     entry = {field: rest.pop(field, None) for field in SERVER_FIELDS}
     entry.update(rest)
     return entry
+
+
+def with_program(result: Mapping[str, Any], program: Program, digest: str | None,
+                 outputs: Mapping[str, str]) -> dict[str, Any]:
+    """A program role's result with what the run knows of the program: the path and sha256 of
+    its copy, and the names of its kept stdout and stderr (``outputs``: stream -> file name).
+
+    ``mode`` is the program's name, which is what results, tables and plots call it.
+    """
+    said = dict(result.get("program") or {})
+    said.update({"path": program.script, "sha256": digest,
+                 "stdout": outputs.get("stdout"), "stderr": outputs.get("stderr")})
+    return {**result, "mode": program.name, "program": said}
+
+
+def with_deliveries(clients: Sequence[Mapping[str, Any]], server: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """``clients`` with ``bytes_delivered`` filled in from the server's side where a client could
+    not learn it (a program of the user's reads no trailer): the server's bytes from each of the
+    client's connections, matched by address (the client's local address is the server's peer).
+
+    Left null unless every connection the client made is found among the server's.
+    """
+    received: dict[str, int] = {}
+    for conn in (server or {}).get("per_connection") or ():
+        if conn.get("peer") is not None and conn.get("bytes_received") is not None:
+            received[conn["peer"]] = received.get(conn["peer"], 0) + conn["bytes_received"]
+    filled = []
+    for client in clients:
+        client = dict(client)
+        sockets = (client.get("program") or {}).get("sockets") or ()
+        local = [s.get("local") for s in sockets if s.get("kind") == "connect"]
+        if client.get("bytes_delivered") is None and local and all(a in received for a in local):
+            client["bytes_delivered"] = sum(received[a] for a in local)
+        filled.append(client)
+    return filled
 
 
 def evaluate_expectations(experiment: Experiment, record: Mapping[str, Any]) -> list[dict[str, Any]]:

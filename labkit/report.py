@@ -11,7 +11,7 @@ import json
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from . import markdown
-from .config import ClientGroup, LinkConfig
+from .config import ClientGroup, LinkConfig, Program
 from .matrix import Case
 from .rundir import LoadedRun, RunDir
 from .summary import RunSummary
@@ -44,7 +44,19 @@ def _link_text(link: LinkConfig) -> str:
     return _settings_text(settings) if link.is_shaped else "unshaped"
 
 
+def _program_text(program: Program) -> str:
+    """A program of the user's as the report names it: what runs, and how it is traced."""
+    if program.command is not None:
+        run = "command `" + " ".join(program.command) + "`"
+    else:
+        run = "program `" + " ".join((program.script, *program.args)) + "`"
+    return f"{run}, traced by {program.trace}" if program.trace != "none" else f"{run}, untraced"
+
+
 def _group_text(group: ClientGroup) -> str:
+    if group.program is not None:
+        size = f"{group.replicas} container{'s' if group.replicas > 1 else ''}"
+        return f"**{group.mode}**; {_program_text(group.program)}; link {_link_text(group.link)}; {size}"
     workload = group.workload.to_dict()
     kind = workload.pop("kind")
     size = f"{group.replicas} container{'s' if group.replicas > 1 else ''} × {group.connections} " \
@@ -58,8 +70,8 @@ def _case_lines(cases: Sequence[Case]) -> list[str]:
     rows = []
     for case in cases:
         server = case.experiment.server
-        cells = [str(case.index + 1), f"`{case.id}`",
-                 f"**{server.mode}**; recv {server.recv_size_bytes} B; link {_link_text(server.link)}"]
+        own = _program_text(server.program) if server.program is not None else f"recv {server.recv_size_bytes} B"
+        cells = [str(case.index + 1), f"`{case.id}`", f"**{server.mode}**; {own}; link {_link_text(server.link)}"]
         by_name = {g.name: g for g in case.experiment.clients}
         rows.append(cells + [_group_text(by_name[g]) if g in by_name else markdown.MISSING for g in groups])
     return markdown.table(["#", "case", "server", *[f"group `{g}`" for g in groups]], rows)

@@ -7,6 +7,8 @@
         summary.csv       one row per case: mean, stdev and 95 % CI over repetitions
         compose/          the override file of every case, to reproduce it by hand
         traces/           every client's socket calls (gzip), named by its record
+        programs/         a copy of each program of the user's that a role ran (mounted read-only)
+        outputs/          each such program's whole stdout and stderr, named by its record
 
 Records are flushed and synced as each case finishes, so an interrupted run keeps
 every finished case and ``--resume`` can run only what is missing. Reading goes
@@ -18,9 +20,11 @@ compare and plots all use.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -37,6 +41,10 @@ from .config import Experiment, load_experiment
 from .matrix import Case, expand_cases
 from .summary import RunSummary, summarize_run
 
+# Where a run keeps its programs: experiment.yaml's program_root says so, so that the
+# run directory alone reruns and reports them.
+PROGRAMS_DIR = "programs"
+
 
 class RunDir:
     """A run directory on disk."""
@@ -45,6 +53,7 @@ class RunDir:
         self.path = Path(path)
         self.traces = self.path / "traces"
         self.compose = self.path / "compose"
+        self.programs = self.path / PROGRAMS_DIR
 
     @classmethod
     def create(cls, out_root: Path, experiment: str, now: dt.datetime | None = None) -> "RunDir":
@@ -133,6 +142,34 @@ class RunDir:
         write_atomic(self.path / name, data, durable=True)
         return name
 
+    def write_output(self, case_id: str, repetition: int, key: str, stream: str, data: bytes) -> str:
+        """Keep a program's whole ``stream`` (stdout or stderr) of one role (``key`` as for a
+        trace); returns the name its record gives it (``outputs/...``)."""
+        name = f"outputs/{_file_word(case_id)}.r{repetition}.{_file_word(key)}.{stream}"
+        (self.path / "outputs").mkdir(exist_ok=True)
+        write_atomic(self.path / name, data, durable=True)
+        return name
+
+    def keep_programs(self, source_dir: Path, paths: Sequence[str]) -> None:
+        """Copy each program (a file or directory, relative to ``source_dir``) to the same place
+        under ``programs/``, readable by anyone: the workload's unprivileged user reads the copy."""
+        for relative in paths:
+            source, target = Path(source_dir) / relative, self.programs / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target, dirs_exist_ok=True)
+            else:
+                shutil.copy2(source, target)
+        for folder, dirs, files in os.walk(self.programs):
+            os.chmod(folder, 0o755)
+            for name in files:
+                path = os.path.join(folder, name)
+                os.chmod(path, 0o755 if os.stat(path).st_mode & 0o100 else 0o644)
+
+    def program_digest(self, relative: str) -> str:
+        """The sha256 of a kept program (see :func:`program_digest`)."""
+        return program_digest(self.programs / relative)
+
     def definition_record(self, case_id: str, repetition: int) -> Path:
         """Where a case repetition's lab definition is kept, without a suffix: the engine
         adds its own (``.yaml`` for a Compose override)."""
@@ -208,6 +245,18 @@ class LoadedRun:
         """The trace file a record's client entry names, or None if it kept none."""
         name = client.get("trace")
         return None if name is None else self.path / name
+
+
+def program_digest(path: Path) -> str:
+    """sha256 of a program: a file's bytes; for a directory, every file's path and bytes, in order."""
+    path = Path(path)
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()
 
 
 def new_meta(*, git_revision: str | None, versions: Mapping[str, Any],

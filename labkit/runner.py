@@ -34,6 +34,7 @@ from socklab.servers.lifecycle import LISTENING_LINE
 from . import records, scenario
 from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
 from .headline import RoleOutcome, cause_alone, headline, last_line, last_words, needs_last_words
+from .config import Program
 from .matrix import Case
 from .rundir import RunDir
 
@@ -74,6 +75,14 @@ def _is_server(role: RoleHandle) -> bool:
     return role.container.service == scenario.SERVER_SERVICE
 
 
+def _program_of(case: Case, role: RoleHandle) -> Program | None:
+    """The program of the user's that ``role`` runs in ``case``, or None for a built-in role."""
+    if _is_server(role):
+        return case.experiment.server.program
+    group = _group_of(role.container)
+    return next((g.program for g in case.experiment.clients if g.name == group), None)
+
+
 class CaseRunner:
     """Runs (case, repetition) pairs on an engine and records each in a run directory."""
 
@@ -87,9 +96,12 @@ class CaseRunner:
         # Labels naming this run as the owner of what it creates (see labkit.owner).
         self.owner = dict(owner or {})
         self.kept: _KeptLab | None = None
+        self._digests: dict[str, str] = {}  # a kept program's sha256, by its path
 
     def _definition(self, case: Case) -> dict:
-        return scenario.compose_override(case.experiment, case.id, trace=self.trace, owner=self.owner)
+        programs = self.rundir.programs if case.experiment.programs else None
+        return scenario.compose_override(case.experiment, case.id, trace=self.trace, owner=self.owner,
+                                         programs_dir=programs)
 
     def _create(self, case: Case, repetition: int, definition: dict) -> Lab:
         record = self.rundir.definition_record(case.id, repetition)
@@ -174,7 +186,8 @@ class CaseRunner:
         keep = {ENV_KEEP: "1"}
         self.progress("starting the server")
         (server_container,) = [c for c in containers if c.service == scenario.SERVER_SERVICE]
-        server = lab.start_role(server_container, scenario.server_argv(experiment), keep)
+        server = lab.start_role(server_container, scenario.server_argv(experiment), keep,
+                                remove_first=scenario.role_files(experiment.server.program))
         roles.append(server)
         deadline = time.monotonic() + SERVER_LISTEN_S
         # The server says so on stderr once it listens: no need to ask ss in another exec.
@@ -186,10 +199,10 @@ class CaseRunner:
             time.sleep(POLL_S / 20)
         self.progress(f"starting {', '.join(scenario.client_services(experiment))}")
         for group in experiment.clients:
-            argv = scenario.client_argv(group, trace=self.trace)
+            argv = scenario.client_argv(group, trace=self.trace, lab_server=experiment.server.program is None)
             for container in (c for c in containers if c.service == scenario.client_service(group)):
                 # A trace left by the previous case must not pass for this one's.
-                roles.append(lab.start_role(container, argv, keep, remove_first=(scenario.TRACE_PATH,)))
+                roles.append(lab.start_role(container, argv, keep, remove_first=scenario.role_files(group.program)))
         return None
 
     def _drive(self, lab: Lab, case: Case, started: float, start, roles: list[RoleHandle]) -> _Outcome:
@@ -260,9 +273,16 @@ class CaseRunner:
         server_result = None
         clients = []
 
-        def fetch(role: RoleHandle) -> tuple[RoleOutcome, bytes | None]:
-            trace = lab.read_file(role.container, scenario.TRACE_PATH) if self.trace and not _is_server(role) \
-                else None
+        def fetch(role: RoleHandle) -> tuple[RoleOutcome, bytes | None, dict[str, bytes]]:
+            program = _program_of(case, role)
+            trace = lab.read_file(role.container, scenario.TRACE_PATH) \
+                if self.trace and (program is not None or not _is_server(role)) else None
+            outputs = {}
+            if program is not None:
+                for stream in scenario.PROGRAM_OUTPUTS:
+                    data = lab.read_file(role.container, f"{scenario.PROGRAM_OUTPUT_DIR}/{stream}")
+                    if data is not None:
+                        outputs[stream] = data
             gone = False
             try:
                 code = role.exit_code()
@@ -274,14 +294,14 @@ class CaseRunner:
                                 results=tuple(find_results(role.stdout())), gone=gone)
             if needs_last_words(ended):  # only then is stderr worth another round trip
                 ended = replace(ended, last_words=last_words(role.output()))
-            return ended, trace
+            return ended, trace, outputs
 
         # One engine round trip per container and file: fetched side by side, so
         # that collecting fifty containers does not take fifty times as long.
         with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
             fetched = list(pool.map(fetch, roles))
-        outcomes = [ended for ended, _ in fetched]
-        for role, (ended, trace) in zip(roles, fetched):
+        outcomes = [ended for ended, _, _ in fetched]
+        for role, (ended, trace, outputs) in zip(roles, fetched):
             container = role.container
             by_role = {r.get("role"): r for r in ended.results}
             group = _group_of(container)
@@ -300,13 +320,20 @@ class CaseRunner:
                 # The server's device names the link's MTU (the TCP ceiling follows from it).
                 if is_server or link["mtu"] is None:
                     link["mtu"] = shown.get("mtu")
-            if is_server:
-                server_result = by_role.get("server")
-                continue
             trace_file = self.rundir.write_trace(case.id, repetition, key, trace) if trace else None
-            clients.append(records.client_record(group, replica, by_role.get("client"), trace=trace_file))
+            result = by_role.get("server" if is_server else "client")
+            program = _program_of(case, role)
+            if program is not None and result is not None:
+                kept = {stream: self.rundir.write_output(case.id, repetition, key, stream, data)
+                        for stream, data in outputs.items()}
+                result = records.with_program(result, program, self._program_digest(program), kept)
+            if is_server:
+                server_result = result if trace_file is None else {**result, "trace": trace_file}
+                continue
+            clients.append(records.client_record(group, replica, result, trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
+        clients = records.with_deliveries(clients, server_result)
         record = records.case_record(
             case=case, repetition=repetition, status=status, error=error, wall_s=wall_s,
             link=link, server=records.server_record(server_result),
@@ -314,6 +341,14 @@ class CaseRunner:
         if nodes:
             record["nodes"] = nodes
         return record
+
+    def _program_digest(self, program: Program) -> str | None:
+        """The sha256 of the run directory's copy of ``program`` (None for a command)."""
+        if program.path is None:
+            return None
+        if program.path not in self._digests:
+            self._digests[program.path] = self.rundir.program_digest(program.path)
+        return self._digests[program.path]
 
     @staticmethod
     def _judge(outcome: _Outcome, outcomes: list[RoleOutcome]) -> tuple[str, str | None]:

@@ -7,6 +7,7 @@ the real run are one and the same thing.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from socklab import shaping
@@ -14,7 +15,8 @@ from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
 from .compose import COMPOSE_FILE, LAB_LABEL, READY_SERVICE, SERVER_SERVICE
-from .config import ClientGroup, Experiment, LinkConfig, Workload
+from .config import ClientGroup, Experiment, LinkConfig, Program, Workload
+from .matrix import expand_cases
 
 SERVER_PORT = 5000
 # Where each client writes its trace inside its container; copied out at the end.
@@ -22,6 +24,11 @@ TRACE_PATH = "/tmp/socklab-trace.gz"
 CASE_LABEL = "io.socklab.case"
 # Written by the container's entrypoint once its link is shaped.
 LINK_STATE_PATH = DEFAULT_STATE_PATH
+# Where a role that runs a program of the user's finds it (the run directory's copy,
+# mounted read-only), and where it leaves the program's whole stdout and stderr.
+PROGRAMS_MOUNT = "/programs"
+PROGRAM_OUTPUT_DIR = "/tmp/socklab-program"
+PROGRAM_OUTPUTS = ("stdout", "stderr")
 # Long enough for any case's slowest peer; short enough that a vanished peer is
 # noticed within a case (the server never hangs on it).
 SERVER_IDLE_TIMEOUT = "60s"
@@ -47,13 +54,56 @@ def link_assignments(change: LinkConfig) -> list[str]:
     return shaping.assignments_from_changes(change.changes())
 
 
+def fill_placeholders(word: str) -> str:
+    """A program's argument with ``{host}`` (the server's name) and ``{port}`` (its port) filled in."""
+    return word.format(host=SERVER_SERVICE, port=SERVER_PORT)
+
+
+def program_argv(program: Program, role: str, *, trace: bool = True) -> list[str]:
+    """The ``program`` role's arguments that run ``program`` as the ``role`` (server or client).
+
+    A Python file runs with the image's python3 from the read-only mount; a
+    command as it is, from the image. ``trace`` False (``--no-trace``) records no
+    socket calls, whatever the program's ``trace`` asks.
+    """
+    argv = ["program", "--role", role, "--name", program.name,
+            "--trace-with", program.trace if trace else "none", "--trace", TRACE_PATH,
+            "--output-dir", PROGRAM_OUTPUT_DIR]
+    if role == "server":
+        argv += ["--port", str(SERVER_PORT)]
+    if program.command is not None:
+        run = [fill_placeholders(word) for word in program.command]
+    else:
+        run = ["python3", f"{PROGRAMS_MOUNT}/{program.script}", *(fill_placeholders(a) for a in program.args)]
+    return [*argv, "--", *run]
+
+
+def role_files(program: Program | None) -> tuple[str, ...]:
+    """The files a role leaves in its container for the orchestrator to collect: in a kept
+    container they are removed before the next case's role starts, so that none passes for its."""
+    if program is None:
+        return (TRACE_PATH,)
+    return (TRACE_PATH, *(f"{PROGRAM_OUTPUT_DIR}/{stream}" for stream in PROGRAM_OUTPUTS))
+
+
+def program_files(experiment: Experiment) -> list[str]:
+    """The files and directories (relative to the program root) of every program any case of
+    ``experiment`` runs, matrix values included, in order and once each."""
+    found: list[str] = []
+    for case in expand_cases(experiment):
+        for program in case.experiment.programs:
+            if program.path is not None and program.path not in found:
+                found.append(program.path)
+    return found
+
+
 def server_workload(experiment: Experiment) -> str:
     """What the server does with bytes: echo them (when a group wants echoes) or count them.
 
     Slow and connect peers work against either; a bulk sender cannot share an
     echo server, since it never reads the echo of what it sends and both would stall.
     """
-    kinds = {group.workload.kind for group in experiment.clients}
+    kinds = {group.workload.kind for group in experiment.clients if group.program is None}
     if "echo" not in kinds:
         return "bulk"
     if "bulk" in kinds:
@@ -66,6 +116,8 @@ def server_workload(experiment: Experiment) -> str:
 def server_argv(experiment: Experiment) -> list[str]:
     """The server role's arguments (it runs until the orchestrator stops it)."""
     server = experiment.server
+    if server.program is not None:
+        return program_argv(server.program, "server")
     argv = ["server", "--mode", server.mode, "--port", str(SERVER_PORT),
             "--recv-size", str(server.recv_size_bytes), "--workload", server_workload(experiment),
             "--idle-timeout", SERVER_IDLE_TIMEOUT]
@@ -95,8 +147,11 @@ def _workload_args(workload: Workload) -> list[str]:
     return args
 
 
-def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
-    """A client group's role arguments."""
+def client_argv(group: ClientGroup, *, trace: bool = True, lab_server: bool = True) -> list[str]:
+    """A client group's role arguments (``lab_server`` False: the server is a program of the
+    user's, which owes the client no trailer)."""
+    if group.program is not None:
+        return program_argv(group.program, "client", trace=trace)
     argv = ["client", "--mode", group.mode, "--host", SERVER_SERVICE, "--port", str(SERVER_PORT),
             "--workload", group.workload.kind, "--connections", str(group.connections),
             *_workload_args(group.workload)]
@@ -105,21 +160,31 @@ def client_argv(group: ClientGroup, *, trace: bool = True) -> list[str]:
             argv += [flag, str(value)]
     if group.mode == "timeout":
         argv += ["--timeout", _seconds(group.socket_timeout_s)]
+    if not lab_server:
+        argv += ["--no-trailer"]
     if trace:
         argv += ["--trace", TRACE_PATH]
     return argv
 
 
 def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True,
-                     owner: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     owner: Mapping[str, str] | None = None, programs_dir: Path | None = None) -> dict[str, Any]:
     """The Compose override file that turns compose.yaml into this case's lab.
 
     ``owner``: labels naming the run that owns the objects (see labkit.owner);
     they go on every container, network and volume, so that `lab.py clean`
-    leaves a live run's objects alone.
+    leaves a live run's objects alone. ``programs_dir``: the directory mounted
+    read-only where a role runs a program of the user's (the run directory's
+    copy; the experiment's own program root when not given, as in a dry run).
     """
     def labels() -> dict[str, str]:
         return {LAB_LABEL: "true", CASE_LABEL: case_id}
+
+    def mounts(program: Program | None) -> dict[str, Any]:
+        if program is None or program.path is None:
+            return {}
+        source = programs_dir if programs_dir is not None else experiment.program_dir
+        return {"volumes": [{"type": "bind", "source": str(source), "target": PROGRAMS_MOUNT, "read_only": True}]}
 
     services: dict[str, Any] = {
         SERVER_SERVICE: {
@@ -128,18 +193,20 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
                             "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
             **placement(experiment.server.placement),
+            **mounts(experiment.server.program),
         },
         READY_SERVICE: {"labels": labels()},
     }
     for group in experiment.clients:
         services[client_service(group)] = {
             "extends": {"file": str(COMPOSE_FILE), "service": "client"},
-            "command": client_argv(group, trace=trace),
+            "command": client_argv(group, trace=trace, lab_server=experiment.server.program is None),
             "environment": {**link_env(group.link), "SOCKLAB_RESULT_DIR": "",
                             "SOCKLAB_REPORT_LINK": "1"},
             "labels": labels(),
             "depends_on": {READY_SERVICE: {"condition": "service_completed_successfully"}},
             "deploy": {"replicas": group.replicas, **placement(group.placement).get("deploy", {})},
+            **mounts(group.program),
         }
     return owned({"services": services}, owner)
 

@@ -98,10 +98,10 @@ class Interrupts:
 
 def cmd_run(args) -> int:
     """Run an experiment's cases and write the run directory."""
-    from ..rundir import RunDir, new_meta
-    from ..runner import CaseRunner
+    from ..rundir import RunDir
 
     overrides = list(args.set) + ([f"repeat={args.repeat}"] if args.repeat is not None else [])
+    rundir = None
     if args.resume:
         rundir = RunDir.open_existing(Path(args.resume))
         if args.config or overrides:
@@ -118,22 +118,40 @@ def cmd_run(args) -> int:
     if args.dry_run:
         return _dry_run(cases)
 
+    rundir, interrupted = execute(
+        experiment, cases, engine_name=args.engine, image=args.image,
+        out_root=Path(args.out) if args.out else DEFAULT_OUT,
+        resume=rundir, trace=not args.no_trace, reuse=args.reuse, draw=not args.no_plots)
+    if interrupted:
+        return INTERRUPTED_EXIT
+    all_records = rundir.read_cases()
+    _summary_table(all_records)
+    say(f"\nresults: {rundir.path}")
+    return 0 if all(records.record_passed(r) for r in all_records) else 1
+
+
+def execute(experiment, cases: Sequence[Case], *, engine_name: str, image: str | None, out_root: Path,
+            resume=None, trace: bool = True, reuse: bool = False, draw: bool = True):
+    """Run ``cases`` (those not yet recorded in ``resume``, a RunDir, or all in a new run
+    directory under ``out_root``) and write the report; the RunDir and, if a signal
+    interrupted the run, its name (the lab is down by then, and what finished is kept)."""
+    from ..rundir import new_meta
+    from ..runner import CaseRunner
+
     with Interrupts() as interrupts:
-        engine = engines.open_engine(args.engine, image=args.image)
+        engine = engines.open_engine(engine_name, image=image)
         versions = engine.versions()  # the engine is reachable before a run directory is made
-        if not args.resume:
-            rundir = RunDir.create(Path(args.out) if args.out else DEFAULT_OUT, experiment.name)
-            rundir.write_experiment(experiment.to_dict())
+        rundir = resume if resume is not None else new_rundir(experiment, out_root)
         progress_line(f"run directory: {rundir.path}")
-        rundir.begin(new_meta(git_revision=_git_revision(), versions=versions), resumed=bool(args.resume))
+        rundir.begin(new_meta(git_revision=_git_revision(), versions=versions), resumed=resume is not None)
 
         progress_line("building the lab image")
         engine.build_image()
         done = rundir.done()
         total = len(expand_runs(cases))
         todo = [(c, r) for c, r in expand_runs(cases) if (c.id, r) not in done]
-        runner = CaseRunner(engine, rundir, lambda text: None, trace=not args.no_trace, reuse=args.reuse,
-                              owner=owner.current_owner().labels())
+        runner = CaseRunner(engine, rundir, lambda text: None, trace=trace, reuse=reuse,
+                            owner=owner.current_owner().labels())
         started = time.monotonic()
         interrupted = None
         try:
@@ -149,15 +167,26 @@ def cmd_run(args) -> int:
             interrupted = interrupts.received or "SIGINT"
         finally:
             runner.close()
-    _finish(rundir, draw=not args.no_plots)
+    _finish(rundir, draw=draw)
     if interrupted:
         progress_line(f"\ninterrupted by {interrupted}: the lab's containers are removed and the finished "
                       f"cases kept; resume with: python lab.py run --resume {rundir.path}")
-        return INTERRUPTED_EXIT
-    all_records = rundir.read_cases()
-    _summary_table(all_records)
-    say(f"\nresults: {rundir.path}")
-    return 0 if all(records.record_passed(r) for r in all_records) else 1
+    return rundir, interrupted
+
+
+def new_rundir(experiment, out_root: Path):
+    """A new run directory for ``experiment``: its programs copied in, its resolved experiment
+    written (with program_root pointing at the copies, so the directory alone reruns it)."""
+    from ..rundir import PROGRAMS_DIR, RunDir
+
+    rundir = RunDir.create(out_root, experiment.name)
+    resolved = experiment.to_dict()
+    programs = scenario.program_files(experiment)
+    if programs:
+        rundir.keep_programs(experiment.program_dir, programs)
+        resolved["program_root"] = PROGRAMS_DIR
+    rundir.write_experiment(resolved)
+    return rundir
 
 
 def _finish(rundir, draw: bool) -> None:

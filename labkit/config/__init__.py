@@ -25,14 +25,14 @@ per second and holds the connection 10s; ``container_memory`` 1GiB (see limits).
 from .builder import build_experiment, load_experiment, load_experiment_text
 from .errors import ConfigError
 from .experiment import (ClientGroup, Condition, Expectation, Experiment, LinkConfig, LinkDirection, MatrixAxis,
-                         ScheduleStep, ServerConfig, Workload)
+                         Program, ScheduleStep, ServerConfig, Workload)
 from .fields import CLIENT_MODES, LINK_BACKENDS, SERVER_MODES, WORKLOAD_KINDS
 from .raw import KeyPath, Origin, RawConfig, parse_raw, read_raw
 from .settings import apply_overrides, substitute
 
 __all__ = [
     "CLIENT_MODES", "ClientGroup", "Condition", "ConfigError", "Expectation", "Experiment", "KeyPath",
-    "LINK_BACKENDS", "LinkConfig", "LinkDirection", "MatrixAxis", "Origin", "RawConfig", "SERVER_MODES",
+    "LINK_BACKENDS", "LinkConfig", "LinkDirection", "MatrixAxis", "Origin", "Program", "RawConfig", "SERVER_MODES",
     "ScheduleStep", "ServerConfig", "WORKLOAD_KINDS", "Workload", "apply_overrides", "build_experiment",
     "load_experiment", "load_experiment_text", "parse_raw", "read_raw", "substitute",
 ]

@@ -10,6 +10,7 @@ file, the line and the key. Loads no container can carry are refused by
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, NoReturn, Sequence
@@ -20,14 +21,17 @@ from socklab.shaping import LinkSpec, LinkValueError
 from .. import expr, stats
 from . import limits
 from .experiment import (ClientGroup, Condition, Expectation, Experiment, LinkConfig, LinkDirection,
-                         MatrixAxis, ScheduleStep, ServerConfig, Workload)
-from .fields import (BACKEND_FIELD, CLIENT_FIELDS, LINK_FIELDS, LINK_KEYS, REQUIRED, SERVER_FIELDS, TOP_FIELDS,
-                     TOP_KEYS, WORKLOAD_FIELDS, WORKLOAD_KIND_FIELD, Field, parse_nonempty_text,
+                         MatrixAxis, Program, ScheduleStep, ServerConfig, Workload, program_dir_of)
+from .fields import (BACKEND_FIELD, BUILT_IN_ROLE_KEYS, CLIENT_FIELDS, LINK_FIELDS, LINK_KEYS, PROGRAM_FIELDS,
+                     PROGRAM_ROOT_FIELD, REQUIRED, SERVER_FIELDS, TOP_FIELDS, TOP_KEYS, TRACE_CHOICES,
+                     WORKLOAD_FIELDS, WORKLOAD_KIND_FIELD, Field, choice_parser, parse_command, parse_nonempty_text,
                      parse_seconds, parse_text, render_seconds)
 from .raw import KeyPath, RawConfig, fail_at, kind_of, parse_raw, read_raw, render_path
 from .settings import apply_overrides, is_scalar, setting_path, substitute
 
 _MISSING = object()
+# The keys that make a role run a program of the user's.
+PROGRAM_ROLE_KEYS = ("program", "command", "trace")
 
 
 def load_experiment(path: str | Path, overrides: Iterable[str] = ()) -> Experiment:
@@ -115,8 +119,10 @@ class _Builder:
     def experiment(self) -> Experiment:
         self.mapping((), TOP_KEYS, "an experiment")
         top = self.fields((), TOP_FIELDS)
-        server = self.server(("server",))
-        clients = self.clients(("clients",))
+        top["program_root"] = self.value(("program_root",), PROGRAM_ROOT_FIELD)
+        program_dir = self.program_dir(top["program_root"])
+        server = self.server(("server",), program_dir)
+        clients = self.clients(("clients",), program_dir)
         names = [group.name for group in clients]
         schedule = tuple(self.step(("schedule", i), names, top["timeout_s"])
                          for i in range(len(self.sequence(("schedule",), "the schedule"))))
@@ -127,11 +133,70 @@ class _Builder:
         return Experiment(server=server, clients=clients, matrix=matrix, schedule=schedule,
                           expect=expect, source=self.raw, **top)
 
-    def server(self, path: KeyPath) -> ServerConfig:
-        self.mapping(path, (*(f.key for f in SERVER_FIELDS), "link"), "the server")
-        return ServerConfig(**self.fields(path, SERVER_FIELDS), link=self.link(path + ("link",)))
+    def program_dir(self, program_root: str) -> Path:
+        """Where programs' paths start: ``program_root`` from the experiment file's directory."""
+        where = program_dir_of(self.raw.filename, program_root)
+        if self.get(("program_root",)) is not _MISSING and not where.is_dir():
+            self.fail(("program_root",), f"there is no directory {where}")
+        return where
 
-    def clients(self, path: KeyPath) -> tuple[ClientGroup, ...]:
+    def server(self, path: KeyPath, program_dir: Path) -> ServerConfig:
+        self.mapping(path, (*(f.key for f in SERVER_FIELDS), "link", *PROGRAM_ROLE_KEYS), "the server")
+        program = self.program(path, program_dir, "the server")
+        if program is None:
+            return ServerConfig(**self.fields(path, SERVER_FIELDS), link=self.link(path + ("link",)))
+        own = self.fields(path, [f for f in SERVER_FIELDS if f.key not in BUILT_IN_ROLE_KEYS])
+        return ServerConfig(mode=program.name, recv_size_bytes=1024, link=self.link(path + ("link",)),
+                            program=program, **own)
+
+    def program(self, path: KeyPath, program_dir: Path, what: str) -> Program | None:
+        """The role's ``program`` or ``command`` (with ``trace``), checked; None for a built-in role.
+
+        A program's file must be there and readable now, so that a run never starts
+        to find it missing; a built-in role's keys beside it are refused.
+        """
+        given = [key for key in ("program", "command") if self.get(path + (key,)) is not _MISSING]
+        if not given:
+            if self.get(path + ("trace",)) is not _MISSING:
+                self.fail(path + ("trace",), f"applies to a program or command only: {what} runs a built-in mode, "
+                                             "which the lab always traces")
+            return None
+        if len(given) == 2:
+            self.fail(path + ("command",), "is given with program: give one, program (a Python file) or "
+                                           "command (any other executable in the image)")
+        kind = given[0]
+        for key in BUILT_IN_ROLE_KEYS:
+            if self.get(path + (key,)) is not _MISSING:
+                self.fail(path + (key,), f"is a key of a built-in role, and {what} runs a {kind} of its own: "
+                                         f"its I/O is the {kind}'s; remove {key} or {kind}")
+        choices = TRACE_CHOICES[kind]
+        trace = self.value(path + ("trace",), Field("trace", "trace", choice_parser(
+            f"a way to trace a {kind}", choices), choices[0]))
+        if kind == "command":
+            return Program(command=self.value(path + ("command",), Field("command", "command", parse_command)),
+                           trace=trace)
+        at = path + ("program",)
+        self.mapping(at, tuple(f.key for f in PROGRAM_FIELDS), "a program", null_ok=False)
+        fields = self.fields(at, PROGRAM_FIELDS)
+        program = Program(trace=trace, **fields)
+        where = program_dir / program.path
+        if where.is_dir():
+            if program.entry is None:
+                self.fail(at + ("path",), f"{program.path!r} is a directory ({where}): add entry: naming the "
+                                          "file in it to run")
+            where = where / program.entry
+            at = at + ("entry",)
+        elif program.entry is not None:
+            self.fail(at + ("entry",), f"applies to a directory, and {program.path!r} is not one ({where})")
+        else:
+            at = at + ("path",)
+        if not where.is_file():
+            self.fail(at, f"there is no file {where}")
+        if not os.access(where, os.R_OK):
+            self.fail(at, f"{where} cannot be read: make it readable (chmod a+r)")
+        return program
+
+    def clients(self, path: KeyPath, program_dir: Path) -> tuple[ClientGroup, ...]:
         if self.get(path) is _MISSING:
             self.fail((), "clients is missing: give at least one client group (- name: sender ...)")
         items = self.sequence(path, "clients")
@@ -140,10 +205,18 @@ class _Builder:
         groups: list[ClientGroup] = []
         for index in range(len(items)):
             item = path + (index,)
-            self.mapping(item, (*(f.key for f in CLIENT_FIELDS), "workload", "link"), "a client group",
-                         null_ok=False)
-            group = ClientGroup(**self.fields(item, CLIENT_FIELDS), workload=self.workload(item + ("workload",)),
-                                link=self.link(item + ("link",)))
+            self.mapping(item, (*(f.key for f in CLIENT_FIELDS), "workload", "link", *PROGRAM_ROLE_KEYS),
+                         "a client group", null_ok=False)
+            name = self.value(item + ("name",), CLIENT_FIELDS[0])
+            program = self.program(item, program_dir, f"client group {name}")
+            if program is None:
+                group = ClientGroup(**self.fields(item, CLIENT_FIELDS), workload=self.workload(item + ("workload",)),
+                                    link=self.link(item + ("link",)))
+            else:
+                own = self.fields(item, [f for f in CLIENT_FIELDS if f.key not in BUILT_IN_ROLE_KEYS])
+                group = ClientGroup(**own, connections=1, mode=program.name, socket_timeout_s=1.0,
+                                    workload=Workload(kind="program"), link=self.link(item + ("link",)),
+                                    program=program)
             if any(g.name == group.name for g in groups):
                 self.fail(item + ("name",), f"{group.name!r} names two client groups: give each group its own name")
             groups.append(group)

@@ -10,15 +10,16 @@ A link keeps the values as written (top-level ones for both directions, ``up`` a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from socklab.shaping import LinkChanges, LinkShape, LinkSpec
 
 from .. import expr
 from .fields import (
-    ALL_WORKLOAD_FIELDS, BACKEND_FIELD, CLIENT_FIELDS, LINK_FIELDS, SERVER_FIELDS, TOP_FIELDS,
-    WORKLOAD_FIELDS, DEFAULT_CONTAINER_MEMORY_BYTES, Field, render_fields, render_optional_fields,
-    render_seconds,
+    ALL_WORKLOAD_FIELDS, BACKEND_FIELD, BUILT_IN_ROLE_KEYS, CLIENT_FIELDS, LINK_FIELDS, PROGRAM_FIELDS,
+    SERVER_FIELDS, TOP_FIELDS, WORKLOAD_FIELDS, DEFAULT_CONTAINER_MEMORY_BYTES, Field, render_fields,
+    render_optional_fields, render_seconds,
 )
 from .raw import KeyPath, RawConfig, thaw
 
@@ -136,23 +137,83 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class Program:
+    """A user's own program, run as a role instead of a built-in mode and workload.
+
+    Either a Python file (``path`` below the experiment's program root; for a
+    directory, ``entry`` names the file in it to run) run by the image's python3,
+    or ``command``: any executable in the image. ``args`` (of a file) and
+    ``command`` may hold ``{host}`` and ``{port}``. ``trace`` is how its socket
+    calls are recorded: ``python`` (the lab's tracer, injected at interpreter
+    start), ``strace``, or ``none``.
+    """
+
+    path: str | None = None
+    entry: str | None = None
+    args: tuple[str, ...] = ()
+    command: tuple[str, ...] | None = None
+    trace: str = "python"
+
+    @property
+    def script(self) -> str | None:
+        """The file python3 runs, relative to the program root (None for a command)."""
+        if self.path is None:
+            return None
+        return f"{self.path}/{self.entry}" if self.entry else self.path
+
+    @property
+    def name(self) -> str:
+        """What results and plots call it: the file's name, or the command's executable."""
+        if self.command is not None:
+            return self.command[0].rsplit("/", 1)[-1]
+        return self.script.rsplit("/", 1)[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The role keys that say it: ``program`` or ``command``, and ``trace`` where not the default."""
+        if self.command is not None:
+            result: dict[str, Any] = {"command": list(self.command)}
+            return result if self.trace == "none" else {**result, "trace": self.trace}
+        result = {"program": render_optional_fields(self, PROGRAM_FIELDS)}
+        return result if self.trace == "python" else {**result, "trace": self.trace}
+
+
+def program_dir_of(filename: str, program_root: str) -> Path:
+    """Where programs' paths start: ``program_root`` from the directory of the experiment file
+    ``filename`` (from the working directory for text that is not a file, e.g. ``<text>``)."""
+    base = Path(filename).parent if filename and not filename.startswith("<") else Path.cwd()
+    return (base / program_root).resolve()
+
+
+def _role_dict(role: Any, fields: tuple[Field, ...]) -> dict[str, Any]:
+    """A role's own keys; one that runs a program has none of the built-in role's mode and workload."""
+    if role.program is None:
+        return render_optional_fields(role, fields)
+    kept = tuple(f for f in fields if f.key not in BUILT_IN_ROLE_KEYS)
+    return {**render_optional_fields(role, kept), **role.program.to_dict()}
+
+
+@dataclass(frozen=True)
 class ServerConfig:
-    """The server: I/O model, ``recv()`` size and its own access link."""
+    """The server: I/O model, ``recv()`` size and its own access link — or a program of the user's.
+
+    With ``program``, ``mode`` is the program's name (what results call it).
+    """
 
     mode: str
     recv_size_bytes: int
     link: LinkConfig
     rcvbuf_bytes: int | None = None
     placement: tuple[str, ...] | None = None  # Swarm constraints; None: the engine decides
+    program: Program | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The server as config keys."""
-        return {**render_optional_fields(self, SERVER_FIELDS), "link": self.link.to_dict()}
+        return {**_role_dict(self, SERVER_FIELDS), "link": self.link.to_dict()}
 
 
 @dataclass(frozen=True)
 class ClientGroup:
-    """One client group: ``replicas`` containers × ``connections`` each."""
+    """One client group: ``replicas`` containers × ``connections`` each (or × its program)."""
 
     name: str
     replicas: int
@@ -164,9 +225,14 @@ class ClientGroup:
     sndbuf_bytes: int | None = None
     rcvbuf_bytes: int | None = None
     placement: tuple[str, ...] | None = None  # Swarm constraints; None: the engine decides
+    # A program of the user's instead of a built-in mode and workload: then ``mode`` is
+    # its name and ``workload`` is of kind "program".
+    program: Program | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The group as config keys."""
+        if self.program is not None:
+            return {**_role_dict(self, CLIENT_FIELDS), "link": self.link.to_dict()}
         return {**render_optional_fields(self, CLIENT_FIELDS), "workload": self.workload.to_dict(),
                 "link": self.link.to_dict()}
 
@@ -251,7 +317,20 @@ class Experiment:
     schedule: tuple[ScheduleStep, ...] = ()
     expect: tuple[Expectation, ...] = ()
     container_memory_bytes: int = DEFAULT_CONTAINER_MEMORY_BYTES
+    # The directory programs' paths are relative to, as written (relative to the file).
+    program_root: str = "."
     source: RawConfig | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def programs(self) -> tuple[Program, ...]:
+        """The programs of the user's that this experiment (as it stands, not its matrix) runs."""
+        roles = (self.server, *self.clients)
+        return tuple(role.program for role in roles if role.program is not None)
+
+    @property
+    def program_dir(self) -> Path:
+        """The directory programs' paths are relative to: ``program_root`` from the file's directory."""
+        return program_dir_of(self.source.filename if self.source is not None else "", self.program_root)
 
     def group(self, name: str) -> ClientGroup:
         """The client group called ``name`` (KeyError if there is none)."""
@@ -297,6 +376,8 @@ class Experiment:
             result["schedule"] = [step.to_dict() for step in self.schedule]
         if self.expect:
             result["expect"] = [e.to_dict(self) for e in self.expect]
+        if self.program_root != ".":
+            result["program_root"] = self.program_root
         return result
 
 
@@ -306,4 +387,5 @@ FIELDS_OF: dict[type, tuple[Field, ...]] = {
     ClientGroup: CLIENT_FIELDS,
     LinkConfig: (*LINK_FIELDS, BACKEND_FIELD),
     LinkDirection: LINK_FIELDS,
+    Program: PROGRAM_FIELDS,
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import keyword
 import re
+import string
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -40,7 +41,8 @@ def _whole(minimum: int) -> Callable[[object], int]:
     return parse
 
 
-def _choice(what: str, options: Sequence[str]) -> Callable[[object], str]:
+def choice_parser(what: str, options: Sequence[str]) -> Callable[[object], str]:
+    """A parser that takes one of ``options`` (text) and refuses anything else, naming ``what``."""
     def parse(value: object) -> str:
         if value not in options or not isinstance(value, str):
             raise UsageError(f"{value!r} is not {what}: use one of {', '.join(options)}")
@@ -206,7 +208,7 @@ TOP_FIELDS = (
 PLACEMENT_FIELD = Field("placement", "placement", _optional(_placement), None,
                         lambda constraints: None if constraints is None else list(constraints))
 SERVER_FIELDS = (
-    Field("mode", "mode", _choice("a server mode", SERVER_MODES), "blocking"),
+    Field("mode", "mode", choice_parser("a server mode", SERVER_MODES), "blocking"),
     Field("recv_size", "recv_size_bytes", _size, 1024),
     # SO_RCVBUF of every accepted connection: the receive window a sender meets.
     Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
@@ -216,7 +218,7 @@ CLIENT_FIELDS = (
     Field("name", "name", _group_name, REQUIRED),
     Field("replicas", "replicas", _whole(1), 1),
     Field("connections", "connections", _whole(1), 1),
-    Field("mode", "mode", _choice("a client mode", CLIENT_MODES), "blocking"),
+    Field("mode", "mode", choice_parser("a client mode", CLIENT_MODES), "blocking"),
     Field("socket_timeout", "socket_timeout_s", parse_positive_seconds, 1.0, render_seconds),
     # SO_SNDBUF sets what one non-blocking send() can take; SO_RCVBUF the window.
     Field("sndbuf", "sndbuf_bytes", _optional(_size), None),
@@ -227,8 +229,8 @@ LINK_FIELDS = tuple(
     Field(key, attr, _link_value(key), None, _render_link_value(key))
     for key, attr in (("rate", "rate_bps"), ("delay", "delay_ms"), ("jitter", "jitter_ms"),
                       ("loss", "loss_pct"), ("limit", "limit_packets")))
-BACKEND_FIELD = Field("backend", "backend", _choice("a shaping backend", LINK_BACKENDS), "auto")
-WORKLOAD_KIND_FIELD = Field("kind", "kind", _choice("a workload kind", WORKLOAD_KINDS), "bulk")
+BACKEND_FIELD = Field("backend", "backend", choice_parser("a shaping backend", LINK_BACKENDS), "auto")
+WORKLOAD_KIND_FIELD = Field("kind", "kind", choice_parser("a workload kind", WORKLOAD_KINDS), "bulk")
 WORKLOAD_FIELDS = {
     "bulk": (
         Field("bytes", "bytes", _size, 136314880),
@@ -255,7 +257,74 @@ WORKLOAD_FIELDS = {
 ALL_WORKLOAD_FIELDS = (WORKLOAD_KIND_FIELD, *(f for fs in WORKLOAD_FIELDS.values() for f in fs))
 LINK_KEYS = (*(f.key for f in LINK_FIELDS), "up", "down", "backend")
 TOP_KEYS = ("name", "description", "repeat", "timeout", "server", "clients", "matrix", "schedule", "expect",
-            "container_memory")
+            "container_memory", "program_root")
+
+# ------------------------------------------------------------ a user's own program
+# What a program's or command's arguments may name: the server's host name and the
+# port the lab gives it.
+PROGRAM_PLACEHOLDERS = ("host", "port")
+# The first of each is the default.
+TRACE_CHOICES = {"program": ("python", "strace", "none"), "command": ("none", "strace")}
+
+
+def _placeholders_checked(text: str) -> str:
+    """``text`` if every ``{name}`` in it is a placeholder the lab fills ({{ and }} are literal braces)."""
+    try:
+        names = [name for _, name, spec, conv in string.Formatter().parse(text) if name is not None]
+    except ValueError as exc:
+        raise UsageError(f"{text!r} has a stray brace ({exc}): write {{{{ or }}}} for a literal one") from None
+    for name in names:
+        if name not in PROGRAM_PLACEHOLDERS:
+            raise UsageError(f"{text!r} uses {{{name}}}, which the lab does not fill: use "
+                             f"{', '.join('{' + p + '}' for p in PROGRAM_PLACEHOLDERS)}")
+    return text
+
+
+def _argv_words(value: object, what: str, allow_empty: bool) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise UsageError(f"{value!r} is not a list: give {what} as a list (e.g. [\"{{host}}\", \"{{port}}\"])")
+    if not value and not allow_empty:
+        raise UsageError(f"the list is empty: give {what}")
+    words = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise UsageError(f"{item!r} is not a word of {what}: use text or numbers")
+        words.append(_placeholders_checked(str(item)))
+    return tuple(words)
+
+
+def parse_program_args(value: object) -> tuple[str, ...]:
+    """A program's arguments: words, where {host} and {port} are filled by the lab."""
+    return _argv_words(value, "the program's arguments", allow_empty=True)
+
+
+def parse_command(value: object) -> tuple[str, ...]:
+    """A command's argv: the executable (in the image) and its arguments."""
+    words = _argv_words(value, "the command (the executable, then its arguments)", allow_empty=False)
+    if not words[0].strip():
+        raise UsageError("the command's first word is empty: name the executable (e.g. nc)")
+    return words
+
+
+def parse_relative_path(value: object) -> str:
+    """A path below the program root, written with / (the run directory keeps a copy at the same place)."""
+    text = parse_nonempty_text(value)
+    parts = text.replace("\\", "/").split("/")
+    if text.startswith("/") or ".." in parts:
+        raise UsageError(f"{text!r} leaves the program root: give a path relative to the experiment file, "
+                         "below its directory (or set program_root to a directory above both)")
+    return "/".join(p for p in parts if p not in ("", "."))
+
+
+PROGRAM_FIELDS = (
+    Field("path", "path", parse_relative_path, REQUIRED),
+    # For a directory: the file in it to run.
+    Field("entry", "entry", _optional(parse_relative_path), None),
+    Field("args", "args", parse_program_args, (), list),
+)
+# Keys of the server or a client group that a role running a program (or command) does without.
+BUILT_IN_ROLE_KEYS = ("mode", "workload", "connections", "socket_timeout", "sndbuf", "rcvbuf", "recv_size")
+PROGRAM_ROOT_FIELD = Field("program_root", "program_root", parse_nonempty_text, ".")
 
 
 def render_optional_fields(obj: Any, fields: Iterable[Field]) -> dict[str, Any]:

@@ -15,7 +15,8 @@ import yaml
 
 from .errors import ConfigError
 from .experiment import Experiment, MatrixAxis
-from .fields import ALL_WORKLOAD_FIELDS, BACKEND_FIELD, CLIENT_FIELDS, LINK_FIELDS, SERVER_FIELDS, TOP_FIELDS, Field
+from .fields import (ALL_WORKLOAD_FIELDS, BACKEND_FIELD, CLIENT_FIELDS, LINK_FIELDS, PROGRAM_FIELDS, SERVER_FIELDS,
+                     TOP_FIELDS, Field)
 from .raw import KeyPath, Origin, RawConfig, locate, set_in, without
 
 # The top-level settings `--set` may change; the matrix and `when` address only timeout.
@@ -49,21 +50,26 @@ def setting_path(tree: Mapping[str, Any], key: str, top_keys: Sequence[str],
         spec = None
         if rest[0] == "workload" and len(rest) == 2:
             spec = next((f for f in ALL_WORKLOAD_FIELDS if f.key == rest[1]), None)
+        elif rest[0] == "program":
+            spec = program_setting(rest[1:])
         elif rest[0] == "link":
             spec = link_setting(rest[1:])
         elif len(rest) == 1:
             spec = next((f for f in own if f.key == rest[0]), None)
         if spec is None:
             fail(f"is not a setting of a client group: use clients.NAME. followed by "
-                 f"{', '.join(f.key for f in own)}, workload.KEY or link.KEY")
+                 f"{', '.join(f.key for f in own)}, workload.KEY, program.path, program.entry or link.KEY")
         return prefix + tuple(rest), spec
     if parts[0] == "server" and len(parts) >= 2:
         if parts[1] == "link":
             spec = link_setting(parts[2:])
+        elif parts[1] == "program":
+            spec = program_setting(parts[2:])
         else:
             spec = next((f for f in SERVER_FIELDS if f.key == parts[1]), None) if len(parts) == 2 else None
         if spec is None:
-            fail("is not a setting of the server: use server.mode, server.recv_size or server.link.KEY")
+            fail("is not a setting of the server: use server.mode, server.recv_size, server.program.path, "
+                 "server.program.entry or server.link.KEY")
         return tuple(parts), spec
     if len(parts) == 1 and parts[0] in top_keys:
         return (parts[0],), next(f for f in TOP_FIELDS if f.key == parts[0])
@@ -76,6 +82,13 @@ def link_setting(parts: Sequence[str]) -> Field | None:
         return next((f for f in (*LINK_FIELDS, BACKEND_FIELD) if f.key == parts[0]), None)
     if len(parts) == 2 and parts[0] in ("up", "down"):
         return next((f for f in LINK_FIELDS if f.key == parts[1]), None)
+    return None
+
+
+def program_setting(parts: Sequence[str]) -> Field | None:
+    """A program's key that one value can set (``path``, ``entry``; not the list ``args``)."""
+    if len(parts) == 1 and parts[0] in ("path", "entry"):
+        return next(f for f in PROGRAM_FIELDS if f.key == parts[0])
     return None
 
 

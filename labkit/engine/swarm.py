@@ -43,6 +43,7 @@ import yaml
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from socklab.entry import ENV_EMIT_FILES
+from socklab.errors import UsageError
 from socklab.results import find_files, find_results
 from socklab.servers.lifecycle import LISTENING_LINE
 
@@ -608,6 +609,13 @@ class SwarmEngine:
             self._compose.build_image()
 
     def create(self, definition: Mapping[str, Any], *, name_hint: str, record: Path) -> SwarmLab:
+        mounting = [name for name, service in definition["services"].items()
+                    if any(isinstance(v, Mapping) and v.get("type") == "bind" for v in service.get("volumes", ()))]
+        if mounting:
+            # A bind mount names a directory of this machine; a task on another node would
+            # find it missing, or worse, a different one there.
+            raise UsageError(f"{', '.join(mounting)} run a program of the user's, which the swarm engine cannot "
+                             "carry yet: its tasks on other nodes cannot see the run directory; use --engine compose")
         override = record.with_name(record.name + ".yaml")
         override.write_text(yaml.safe_dump(dict(definition), sort_keys=False), encoding="utf-8")
         # The Compose gate shares the server's network namespace, which a stack

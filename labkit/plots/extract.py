@@ -19,7 +19,8 @@ from socklab.trace import read_trace
 from ..matrix import Case, format_value
 from ..rundir import LoadedRun
 
-ACCEPTING_CALLS = ("send", "write")  # asyncio's write() is its send()
+# asyncio's write() is its send(); a program of the user's may send by any of the socket's sends.
+ACCEPTING_CALLS = ("send", "write", "sendall", "sendto", "sendmsg")
 _REFUSED = ("EAGAIN", "EWOULDBLOCK")
 
 TraceLoader = Callable[[Path], "list[dict] | None"]
@@ -258,14 +259,15 @@ def first_traces(refs: Iterable[TraceRef]) -> list[TraceRef]:
 
 
 def line_param(cases: Sequence[Case], group: str, prefer: str) -> str | None:
-    """The swept mode that the lines of one panel differ by (their colour shows it).
+    """The swept mode (or program) that the lines of one panel differ by (their colour shows it).
 
     ``prefer`` is "client" (the group's mode first, then the server's) or
     "server" (the other way round); None when neither is swept, and every
     case then gets a panel of its own.
     """
     swept = {k for case in cases for k in case.params}
-    candidates = [f"clients.{group}.mode", "server.mode"]
+    # A program's file is its role's mode: sweeping it sweeps the mode.
+    candidates = [f"clients.{group}.mode", f"clients.{group}.program.path", "server.mode", "server.program.path"]
     if prefer == "server":
         candidates.reverse()
     return next((k for k in candidates if k in swept), None)
@@ -273,7 +275,8 @@ def line_param(cases: Sequence[Case], group: str, prefer: str) -> str | None:
 
 def line_identity(ref: TraceRef, key: str | None, prefer: str) -> tuple[str, str]:
     """A line's mode (its colour) and label: the swept mode, or the preferred role's."""
-    role = "server" if key == "server.mode" or (key is None and prefer == "server") else "client"
+    role = "server" if key in ("server.mode", "server.program.path") or (key is None and prefer == "server") \
+        else "client"
     mode = ref.case.experiment.server.mode if role == "server" else ref.mode
     return mode, f"{mode} {role}"
 

@@ -56,9 +56,23 @@ DPI = 110
 WIDTH_IN = 10.0
 
 
+# A program of the user's is its role's mode (its file's name): programs take these
+# in the order they are first drawn, so that two programs never share a colour
+# and each keeps its colour in every plot of a report or comparison.
+_PROGRAM_COLOURS = ("#1B9E77", "#D95F02", "#7570B3", "#E7298A", "#66A61E", "#A6761D")
+_program_colours: dict[str, str] = {}
+
+
 def mode_colour(mode: str | None) -> str:
-    """The colour of an I/O mode in every plot; grey for anything else."""
-    return MODE_COLOURS.get(mode or "", _OTHER_COLOUR)
+    """The colour of an I/O mode in every plot: a built-in mode's own; a program's (a name
+    with a dot: ``block_client.py``) one of a second palette; grey otherwise."""
+    if mode in MODE_COLOURS:
+        return MODE_COLOURS[mode]
+    if mode and "." in mode:
+        if mode not in _program_colours:
+            _program_colours[mode] = _PROGRAM_COLOURS[len(_program_colours) % len(_PROGRAM_COLOURS)]
+        return _program_colours[mode]
+    return _OTHER_COLOUR
 
 
 def run_linestyle(run: int) -> str:

@@ -56,12 +56,15 @@ CLIENT_ROWS: list[tuple[str, str, Callable[[Any], str]]] = [
 ]
 
 
-def render(clients: dict[str, dict[str, Any]], server: dict[str, Any] | None) -> str:
-    """The summary as text: one column per client, then the server's totals."""
+TITLE = "socklab: the tutorial's send(), blocking vs non-blocking"
+
+
+def render(clients: dict[str, dict[str, Any]], server: dict[str, Any] | None, title: str = TITLE) -> str:
+    """The summary as text under ``title``: one column per client, then the server's totals."""
     names = list(clients)
     label_w = max(len(label) for label, _, _ in CLIENT_ROWS)
     col_w = max(14, *(len(n) for n in names))
-    lines = ["", "socklab: the tutorial's send(), blocking vs non-blocking", ""]
+    lines = ["", title, ""]
     lines.append(" " * label_w + "".join(f"  {n:>{col_w}}" for n in names))
     for label, field, fmt in CLIENT_ROWS:
         cells = "".join(f"  {fmt(clients[n].get(field)):>{col_w}}" for n in names)
