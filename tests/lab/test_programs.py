@@ -176,3 +176,16 @@ def test_a_command_runs_as_a_role_and_strace_traces_its_socket_calls(lab_image, 
     with gzip.open(run / client["trace"], "rt") as fh:
         assert json.loads(fh.readline())["socklab_trace"] == 1
     assert "iperf Done." in (run / client["program"]["stdout"]).read_text()
+
+
+def test_a_program_that_never_exits_times_out_like_any_case(lab_image, tmp_path):
+    program = tmp_path / "forever.py"
+    program.write_text("import socket, sys, time\n"
+                       "s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n"
+                       "while True:\n    time.sleep(1)\n")
+    done = lab("try", str(program), "--timeout", "6s", "--out", str(tmp_path / "out"))
+    assert done.returncode == 1, done.stdout[-4000:] + done.stderr[-2000:]
+    _, (record,) = records_of(tmp_path / "out")
+    assert record["status"] == "timeout"
+    assert "ran past its timeout of 6 s" in record["error"] and "client-program" in record["error"]
+    assert "timeout" in done.stdout

@@ -17,10 +17,11 @@ from labkit.engine import LAB_LABEL, ContainerGone, LabEngineError, StartFailed,
 from labkit.engine import swarm
 from labkit.engine.swarm import (NO_SWARM, SCALE_KEY, SwarmEngine, SwarmLab, spread_placement, stack_file,
                                  task_container, task_state, wait_for)
+from labkit.config import load_experiment
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.entry import ENV_EMIT_FILES
-from socklab.errors import EngineError
+from socklab.errors import EngineError, UsageError
 from socklab.results import emit_file
 from socklab.servers.lifecycle import LISTENING_LINE
 
@@ -559,3 +560,17 @@ def test_a_node_lost_while_its_tasks_start_fails_the_start_naming_it(tmp_path, m
     client.down.add("n1")
     with pytest.raises(StartFailed, match=r"^node vm-n1 was lost while the tasks of client-sender started$"):
         lab._wait_started("client-sender", 1)
+
+
+def test_a_program_of_the_users_is_refused_before_anything_is_deployed(tmp_path):
+    """A bind mount names a directory of this machine, which a task on another node cannot see."""
+    text = ("name: t\nprogram_root: .\nserver:\n  program: {path: server.py}\n"
+            "clients:\n  - name: s\n")
+    (tmp_path / "server.py").write_text("")
+    (tmp_path / "t.yaml").write_text(text)
+    experiment = load_experiment(tmp_path / "t.yaml")
+    definition = scenario.compose_override(experiment, "c", programs_dir=tmp_path)
+    with pytest.raises(UsageError, match="server run a program of the user's, which the swarm engine cannot "
+                                         "carry yet.*use --engine compose"):
+        SwarmEngine(api=object()).create(definition, name_hint="t", record=tmp_path / "record")
+    assert not list(tmp_path.glob("record*"))
