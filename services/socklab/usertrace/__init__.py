@@ -433,7 +433,93 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
     def fd_of(fileobj: Any) -> int:
         return int(fileobj) if isinstance(fileobj, int) else fileobj.fileno()
 
+    # -- socket calls; the three below are _socket.socket's, once socket_methods() is called
+
+    fileno: Callable[[Any], int] = session.fileno
+    getsockname: Callable[[Any], Any] = lambda sock: None
+    getpeername: Callable[[Any], Any] = lambda sock: None
+
+    def complete(sock: Any, conn: int) -> None:
+        """A call on a socket whose non-blocking connect was under way succeeded: connected?"""
+        if conn in pending:
+            try:
+                local, peer = getsockname(sock), getpeername(sock)
+            except OSError:  # not yet (setblocking succeeds on a connecting socket)
+                return
+            pending.pop(conn, None)
+            connected(sock, conn, "connect", local, peer)
+
+    def conn_of(sock: Any) -> int:
+        fd = fileno(sock)
+        conn = conns_get(fd)
+        return new_conn(fd) if conn is None else conn
+
+    ASKED = object()  # a returned_of: the record's returned is its asked (sendall)
+
+    def zero(result: Any) -> int:
+        return 0
+
+    def traced(name: str, invoke: Callable[[Any, Any, Any], Any], returned_of: Any = None, *,
+               completes: bool = True, after: Callable[[Any, int, Any], None] | None = None,
+               failed: Callable[[Any, int, str], None] | None = None,
+               asked_if_failed: int | None = None, errno_of: Callable[[Any], str] | None = None,
+               wait: bool = False) -> Callable[[Any, int, Any, Any], Any]:
+        """The one shape of a traced socket call, as ``run(sock, asked, a, b)``: the call
+        ``invoke(sock, a, b)`` timed, one record, what it returned or raised passed on
+        unchanged (the same objects).
+
+        Each method is a short function with the original's signature that computes
+        ``asked`` and calls ``run`` with its arguments in the two slots ``a, b`` (send's
+        data and flags go to the original as they are, with no function between): a
+        wrapper taking ``*args`` would need no such function, but measured
+        (bench/probes/tracer_overhead.py) it adds ~0.25 µs to a send() or recv(), over budget.
+
+        ``returned_of(result)`` gives the record's ``returned`` (None: the result itself, a
+        byte count; ASKED: ``asked``), ``errno_of(result)`` a success's ``errno`` (None: ""); a call
+        that raised records ``asked_if_failed`` if given (a value valid only once the call
+        accepted it). ``completes``: a success may complete a non-blocking connect under way;
+        ``after(sock, conn, result)`` runs after a success's record, ``failed(sock, conn,
+        errno_name)`` after a failure's. A ``wait`` (select, poll, epoll) is on no socket: its
+        conn is -1, and ``sock`` is only passed on to ``invoke``.
+        """
+        completes = completes and not wait
+
+        def run(self, asked, a, b):
+            if wait:
+                conn = -1
+            else:
+                conn = conns_get(fileno(self))
+                if conn is None:
+                    conn = conn_of(self)
+            t0 = clock()
+            try:
+                result = invoke(self, a, b)
+            except BaseException as exc:
+                t1 = clock()
+                error = errname(exc)
+                add((t0 - origin, conn, name, asked if asked_if_failed is None else asked_if_failed, -1, error,
+                     t1 - t0, 1))
+                if failed is not None:
+                    failed(self, conn, error)
+                raise
+            t1 = clock()
+            returned = result if returned_of is None else asked if returned_of is ASKED else returned_of(result)
+            add((t0 - origin, conn, name, asked, returned, "" if errno_of is None else errno_of(result), t1 - t0,
+                 1))
+            if completes and pending:
+                complete(self, conn)
+            if after is not None:
+                after(self, conn, result)
+            return result
+
+        return run
+
     # -- waits
+
+    run_select = traced("select", lambda _, lists, timeout: orig_select(*lists, timeout),
+                        lambda ready: len(ready[0]) + len(ready[1]) + len(ready[2]), wait=True)
+    run_poll = traced("poll", lambda poller, timeout, _: poller.poll(timeout), len, wait=True)
+    run_epoll = traced("epoll", lambda poller, timeout, maxevents: poller.poll(timeout, maxevents), len, wait=True)
 
     def select(rlist, wlist, xlist, timeout=None, /):
         try:
@@ -444,16 +530,7 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
                 asked = len(rlist) + len(wlist) + len(xlist)
             except TypeError:
                 asked = 0
-        t0 = clock()
-        try:
-            result = orig_select(rlist, wlist, xlist, timeout)
-        except BaseException as exc:
-            t1 = clock()
-            add((t0 - origin, -1, "select", asked, -1, errname(exc), t1 - t0, 1))
-            raise
-        t1 = clock()
-        add((t0 - origin, -1, "select", asked, len(result[0]) + len(result[1]) + len(result[2]), "", t1 - t0, 1))
-        return result
+        return run_select(None, asked, (rlist, wlist, xlist), timeout)
 
     select.__doc__ = orig_select.__doc__
 
@@ -478,17 +555,7 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
             self._fds.discard(fd_of(fd))
 
         def poll(self, timeout=None, /):
-            asked = len(self._fds)
-            t0 = clock()
-            try:
-                ready = self._poll.poll(timeout)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, -1, "poll", asked, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, -1, "poll", asked, len(ready), "", t1 - t0, 1))
-            return ready
+            return run_poll(self._poll, len(self._fds), timeout, None)
 
     epoll = None
     if orig_epoll is not None:
@@ -539,20 +606,11 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
                 self._fds.discard(fd_of(fd))
 
             def poll(self, timeout=None, maxevents=-1):
-                asked = len(self._fds)
-                t0 = clock()
-                try:
-                    ready = self._epoll.poll(timeout, maxevents)
-                except BaseException as exc:
-                    t1 = clock()
-                    add((t0 - origin, -1, "epoll", asked, -1, errname(exc), t1 - t0, 1))
-                    raise
-                t1 = clock()
-                add((t0 - origin, -1, "epoll", asked, len(ready), "", t1 - t0, 1))
-                return ready
+                return run_epoll(self._epoll, len(self._fds), timeout, maxevents)
 
     def socket_methods(base: type, socket_class: type) -> dict[str, Callable]:
         """``socket.socket``'s replacement methods (``base`` is ``_socket.socket``), by name."""
+        nonlocal fileno, getsockname, getpeername
         fileno = base.fileno
         getsockname = base.getsockname
         getpeername = base.getpeername
@@ -562,196 +620,112 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
         raw_type = base.type  # socket.socket.type makes a SocketKind; this is the plain int
         session.is_stream = lambda sock: raw_type.__get__(sock) == SOCK_STREAM
 
-        def complete(sock: Any, conn: int) -> None:
-            """A call on a socket whose non-blocking connect was under way succeeded: connected?"""
-            if conn in pending:
-                try:
-                    local, peer = getsockname(sock), getpeername(sock)
-                except OSError:  # not yet (setblocking succeeds on a connecting socket)
-                    return
-                pending.pop(conn, None)
-                connected(sock, conn, "connect", local, peer)
-
-        def conn_of(sock: Any) -> int:
-            fd = fileno(sock)
-            conn = conns_get(fd)
-            return new_conn(fd) if conn is None else conn
-
         methods: dict[str, Any] = {}
 
         def method(function: Callable) -> Callable:
-            original = getattr(socket_class, function.__name__)
+            """``function`` as the ``socket.socket`` method of its name."""
             function.__qualname__ = f"socket.{function.__name__}"
-            function.__doc__ = original.__doc__
+            function.__doc__ = getattr(socket_class, function.__name__).__doc__
             methods[function.__name__] = function
             return function
 
         # -- connecting
 
-        orig_connect = socket_class.connect
+        def connect_failed(sock: Any, conn: int, error: str) -> None:
+            if error in _CONNECT_PENDING:
+                pending[conn] = True
+            elif error == "EISCONN" and pending:
+                complete(sock, conn)
 
-        @method
-        def connect(self, address, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                orig_connect(self, address)
-            except BaseException as exc:
-                t1 = clock()
-                name = errname(exc)
-                add((t0 - origin, conn, "connect", 0, -1, name, t1 - t0, 1))
-                if name in _CONNECT_PENDING:
-                    pending[conn] = True
-                elif name == "EISCONN" and pending:
-                    complete(self, conn)
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "connect", 0, 0, "", t1 - t0, 1))
+        def connect_done(sock: Any, conn: int, result: Any) -> None:
             pending.pop(conn, None)
             try:
-                connected(self, conn, "connect", getsockname(self), getpeername(self))
+                connected(sock, conn, "connect", getsockname(sock), getpeername(sock))
             except OSError:
                 pass
 
+        orig_connect = socket_class.connect
+        run_connect = traced("connect", lambda sock, address, b: orig_connect(sock, address), zero,
+                             completes=False, after=connect_done, failed=connect_failed)
+
+        @method
+        def connect(self, address, /):
+            return run_connect(self, 0, address, None)
+
+        # connect_ex says an error by its result: recorded as connect's exception would be.
+        def connect_ex_error(code: int) -> str:
+            return (errorcode.get(code) or str(code)) if code else ""
+
+        def connect_ex_done(sock: Any, conn: int, code: int) -> None:
+            if code:
+                connect_failed(sock, conn, connect_ex_error(code))
+            else:
+                connect_done(sock, conn, code)
+
         orig_connect_ex = socket_class.connect_ex
+        run_connect_ex = traced("connect_ex", lambda sock, address, b: orig_connect_ex(sock, address),
+                                lambda code: -1 if code else 0, completes=False, after=connect_ex_done,
+                                errno_of=connect_ex_error)
 
         @method
         def connect_ex(self, address, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
+            return run_connect_ex(self, 0, address, None)
+
+        def listen_done(sock: Any, conn: int, result: Any) -> None:
             try:
-                code = orig_connect_ex(self, address)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "connect_ex", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            if code:
-                name = errorcode.get(code) or str(code)
-                add((t0 - origin, conn, "connect_ex", 0, -1, name, t1 - t0, 1))
-                if name in _CONNECT_PENDING:
-                    pending[conn] = True
-                elif name == "EISCONN" and pending:
-                    complete(self, conn)
-            else:
-                add((t0 - origin, conn, "connect_ex", 0, 0, "", t1 - t0, 1))
-                pending.pop(conn, None)
-                try:
-                    connected(self, conn, "connect", getsockname(self), getpeername(self))
-                except OSError:
-                    pass
-            return code
+                sockets[conn] = ("listen", getsockname(sock), None)
+            except OSError:
+                pass
 
         orig_listen = socket_class.listen
+        run_listen = traced("listen", lambda sock, backlog, b: orig_listen(sock, *backlog), zero,
+                            completes=False, after=listen_done)
 
         @method
         def listen(self, *backlog):
-            conn = conn_of(self)
-            t0 = clock()
+            return run_listen(self, 0, backlog, None)
+
+        def accept_done(sock: Any, conn: int, result: Any) -> None:
+            new, peer = result
             try:
-                orig_listen(self, *backlog)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "listen", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "listen", 0, 0, "", t1 - t0, 1))
-            try:
-                sockets[conn] = ("listen", getsockname(self), None)
+                connected(new, conn_of(new), "accept", getsockname(new), peer)
             except OSError:
                 pass
 
         orig_accept = socket_class.accept
+        run_accept = traced("accept", lambda sock, a, b: orig_accept(sock), zero, completes=False,
+                            after=accept_done)
 
         @method
         def accept(self):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                result = orig_accept(self)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "accept", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "accept", 0, 0, "", t1 - t0, 1))
-            sock, peer = result
-            try:
-                connected(sock, conn_of(sock), "accept", getsockname(sock), peer)
-            except OSError:
-                pass
-            return result
+            return run_accept(self, 0, None, None)
 
         # -- sending
 
         orig_send = socket_class.send
+        run_send = traced("send", orig_send)
 
         @method
         def send(self, data, flags=0, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                sent = orig_send(self, data, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "send", size(data), -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "send", len(data) if type(data) is bytes else size(data), sent, "",
-                 t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return sent
+            return run_send(self, len(data) if type(data) is bytes else size(data), data, flags)
 
         orig_sendall = socket_class.sendall
+        run_sendall = traced("sendall", orig_sendall,
+                             ASKED)  # all of it, or it raised
 
         @method
         def sendall(self, data, flags=0, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                orig_sendall(self, data, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "sendall", size(data), -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            asked = len(data) if type(data) is bytes else size(data)
-            add((t0 - origin, conn, "sendall", asked, asked, "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
+            return run_sendall(self, len(data) if type(data) is bytes else size(data), data, flags)
 
         orig_sendto = socket_class.sendto
+        run_sendto = traced("sendto", lambda sock, args, b: orig_sendto(sock, *args))
 
         @method
         def sendto(self, *args):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                sent = orig_sendto(self, *args)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "sendto", size(args[0]) if args else 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "sendto", size(args[0]), sent, "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return sent
+            return run_sendto(self, size(args[0]) if args else 0, args, None)
 
         orig_sendmsg = socket_class.sendmsg
+        run_sendmsg = traced("sendmsg", lambda sock, buffers, args: orig_sendmsg(sock, buffers, *args))
 
         @method
         def sendmsg(self, buffers=(), *args):
@@ -760,135 +734,73 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
                     buffers = list(buffers)
                 except TypeError:
                     pass
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
             try:
-                sent = orig_sendmsg(self, buffers, *args)
-            except BaseException as exc:
-                t1 = clock()
-                try:
-                    asked = sum(size(b) for b in buffers)
-                except TypeError:
-                    asked = 0
-                add((t0 - origin, conn, "sendmsg", asked, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "sendmsg", sum(size(b) for b in buffers), sent, "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return sent
+                asked = sum(size(b) for b in buffers)
+            except TypeError:  # the call says what is wrong
+                asked = 0
+            return run_sendmsg(self, asked, buffers, args)
 
         # -- receiving
 
         orig_recv = socket_class.recv
+        run_recv = traced("recv", orig_recv,
+                          len)
 
         @method
         def recv(self, bufsize, flags=0, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                data = orig_recv(self, bufsize, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "recv", number(bufsize), -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "recv", bufsize if type(bufsize) is int else number(bufsize), len(data), "",
-                 t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return data
-
-        orig_recv_into = socket_class.recv_into
-
-        @method
-        def recv_into(self, buffer, nbytes=0, flags=0):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                got = orig_recv_into(self, buffer, nbytes, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "recv_into", number(nbytes) or size(buffer), -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "recv_into", (nbytes if type(nbytes) is int else number(nbytes)) or size(buffer),
-                 got, "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return got
+            return run_recv(self, bufsize if type(bufsize) is int else number(bufsize), bufsize, flags)
 
         orig_recvfrom = socket_class.recvfrom
+        run_recvfrom = traced("recvfrom", orig_recvfrom,
+                              lambda result: len(result[0]))
 
         @method
         def recvfrom(self, bufsize, flags=0, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                result = orig_recvfrom(self, bufsize, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "recvfrom", number(bufsize), -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "recvfrom", bufsize if type(bufsize) is int else number(bufsize), len(result[0]),
-                 "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return result
+            return run_recvfrom(self, bufsize if type(bufsize) is int else number(bufsize), bufsize, flags)
+
+        orig_recv_into = socket_class.recv_into
+        run_recv_into = traced("recv_into", lambda sock, buffer, rest: orig_recv_into(sock, buffer, *rest))
+
+        @method
+        def recv_into(self, buffer, nbytes=0, flags=0):
+            asked = (nbytes if type(nbytes) is int else number(nbytes)) or size(buffer)
+            return run_recv_into(self, asked, buffer, (nbytes, flags))
 
         orig_recvfrom_into = socket_class.recvfrom_into
+        run_recvfrom_into = traced("recvfrom_into",
+                                   lambda sock, buffer, rest: orig_recvfrom_into(sock, buffer, *rest),
+                                   lambda result: result[0])
 
         @method
         def recvfrom_into(self, buffer, nbytes=0, flags=0):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                result = orig_recvfrom_into(self, buffer, nbytes, flags)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "recvfrom_into", number(nbytes) or size(buffer), -1, errname(exc), t1 - t0,
-                     1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "recvfrom_into",
-                 (nbytes if type(nbytes) is int else number(nbytes)) or size(buffer), result[0], "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
-            return result
+            asked = (nbytes if type(nbytes) is int else number(nbytes)) or size(buffer)
+            return run_recvfrom_into(self, asked, buffer, (nbytes, flags))
 
         # -- the socket's state
 
         orig_shutdown = socket_class.shutdown
+        run_shutdown = traced("shutdown", lambda sock, how, b: orig_shutdown(sock, how), zero)
 
         @method
         def shutdown(self, how, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                orig_shutdown(self, how)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "shutdown", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "shutdown", 0, 0, "", t1 - t0, 1))
-            if pending:
-                complete(self, conn)
+            return run_shutdown(self, 0, how, None)
 
         orig_close = socket_class.close
+
+        def close_and_forget(sock: Any, a: Any, b: Any) -> None:
+            """The close timed: the original, then, if the descriptor really closed (not kept open
+            by a makefile()), its number forgotten, since it may be reused."""
+            fd = fileno(sock)
+            conn = conns_get(fd)
+            try:
+                orig_close(sock)
+            finally:
+                if fileno(sock) < 0:
+                    if conns_get(fd) == conn:
+                        conns.pop(fd, None)
+                    pending.pop(conn, None)
+
+        run_close = traced("close", close_and_forget, zero, completes=False)
 
         @method
         def close(self):
@@ -905,54 +817,32 @@ def _instruments(session: _Session, clock: Callable[[], float], origin: float, o
                     sockets[conn] = ("other", getsockname(self), None)
                 except OSError:
                     pass
-            t0 = clock()
+            return run_close(self, 0, None, None)
+
+        # Their asked is recorded only when the call accepted the value (0 when it raised).
+        def setting(convert: Callable[[Any], int], value: Any) -> int:
+            """``convert(value)``, or 0 for a value the call will refuse (and say why)."""
             try:
-                orig_close(self)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "close", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            finally:
-                if fileno(self) < 0:  # really closed (not kept open by a makefile()): the fd may be reused
-                    if conns_get(fd) == conn:
-                        conns.pop(fd, None)
-                    pending.pop(conn, None)
-            t1 = clock()
-            add((t0 - origin, conn, "close", 0, 0, "", t1 - t0, 1))
+                return convert(value)
+            except Exception:  # noqa: BLE001
+                return 0
 
         orig_setblocking = socket_class.setblocking
+        run_setblocking = traced("setblocking", lambda sock, flag, b: orig_setblocking(sock, flag), zero,
+                                 completes=False, asked_if_failed=0)
 
         @method
         def setblocking(self, flag, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                orig_setblocking(self, flag)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "setblocking", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "setblocking", 1 if flag else 0, 0, "", t1 - t0, 1))
+            return run_setblocking(self, setting(lambda flag: 1 if flag else 0, flag), flag, None)
 
         orig_settimeout = socket_class.settimeout
+        run_settimeout = traced("settimeout", lambda sock, value, b: orig_settimeout(sock, value), zero,
+                                completes=False, asked_if_failed=0)
 
         @method
         def settimeout(self, value, /):
-            conn = conns_get(fileno(self))
-            if conn is None:
-                conn = conn_of(self)
-            t0 = clock()
-            try:
-                orig_settimeout(self, value)
-            except BaseException as exc:
-                t1 = clock()
-                add((t0 - origin, conn, "settimeout", 0, -1, errname(exc), t1 - t0, 1))
-                raise
-            t1 = clock()
-            add((t0 - origin, conn, "settimeout", -1 if value is None else int(round(value * 1000)), 0, "", t1 - t0, 1))
+            return run_settimeout(self, setting(lambda value: -1 if value is None else int(round(value * 1000)), value),
+                                  value, None)
 
         orig_init = socket_class.__init__
 
