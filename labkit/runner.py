@@ -328,7 +328,8 @@ class CaseRunner:
                         for stream, data in outputs.items()}
                 result = records.with_program(result, program, self._program_digest(program), kept)
             if is_server:
-                server_result = result if trace_file is None else {**result, "trace": trace_file}
+                # A server that printed no result (killed before it could) still leaves no record of its own.
+                server_result = result if trace_file is None or result is None else {**result, "trace": trace_file}
                 continue
             clients.append(records.client_record(group, replica, result, trace=trace_file))
         status, error = self._judge(outcome, outcomes)
