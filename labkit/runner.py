@@ -273,7 +273,7 @@ class CaseRunner:
         server_result = None
         clients = []
 
-        def fetch(role: RoleHandle) -> tuple[RoleOutcome, bytes | None, dict[str, bytes]]:
+        def fetch(role: RoleHandle) -> tuple[RoleOutcome, Program | None, bytes | None, dict[str, bytes]]:
             program = _program_of(case, role)
             trace = lab.read_file(role.container, scenario.TRACE_PATH) \
                 if self.trace and (program is not None or not _is_server(role)) else None
@@ -294,14 +294,14 @@ class CaseRunner:
                                 results=tuple(find_results(role.stdout())), gone=gone)
             if needs_last_words(ended):  # only then is stderr worth another round trip
                 ended = replace(ended, last_words=last_words(role.output()))
-            return ended, trace, outputs
+            return ended, program, trace, outputs
 
         # One engine round trip per container and file: fetched side by side, so
         # that collecting fifty containers does not take fifty times as long.
         with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
             fetched = list(pool.map(fetch, roles))
-        outcomes = [ended for ended, _, _ in fetched]
-        for role, (ended, trace, outputs) in zip(roles, fetched):
+        outcomes = [ended for ended, _, _, _ in fetched]
+        for role, (ended, program, trace, outputs) in zip(roles, fetched):
             container = role.container
             by_role = {r.get("role"): r for r in ended.results}
             group = _group_of(container)
@@ -322,7 +322,6 @@ class CaseRunner:
                     link["mtu"] = shown.get("mtu")
             trace_file = self.rundir.write_trace(case.id, repetition, key, trace) if trace else None
             result = by_role.get("server" if is_server else "client")
-            program = _program_of(case, role)
             if program is not None and result is not None:
                 kept = {stream: self.rundir.write_output(case.id, repetition, key, stream, data)
                         for stream, data in outputs.items()}
