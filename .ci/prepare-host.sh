@@ -56,7 +56,7 @@ ensure_compose_v2() {
 # No registry here: build the base image from Debian packages with debootstrap.
 # The packages the base carries, also its label: a base made with fewer (an older
 # prepare) is made again, since the image then lacks a tool the lab uses.
-BASE_PACKAGES=python3,iproute2,iptables,iperf3,strace
+BASE_PACKAGES=python3,iproute2,iptables,iperf3,strace,tcpdump
 ensure_base_image() {
     if [ "$(docker image inspect -f '{{index .Config.Labels "io.socklab.base-packages"}}' "$BASE_IMAGE" 2>/dev/null)" \
             = "$BASE_PACKAGES" ]; then

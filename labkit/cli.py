@@ -5,7 +5,8 @@
     check    labkit/commands/check.py     validate an experiment (and list: configs/)
     doctor   labkit/commands/doctor.py    every check of the engine, image and kernel
     report   labkit/commands/report.py    rebuild a run's report (and compare: runs side by side)
-    link     labkit/commands/link.py      show or change a running lab's links
+    link     labkit/commands/link.py      show, change or verify a running lab's links
+    capture  labkit/commands/capture.py   a running lab's packets, live, as pcap
     clean    labkit/commands/clean.py     remove what ended runs left behind
 
 Errors are one or two sentences and an exit code (2 bad input, 3 the engine
@@ -24,6 +25,7 @@ from typing import Sequence
 from socklab.cli import ArgumentParser
 from socklab.errors import SocklabError
 
+from .commands.capture import cmd_capture
 from .commands.check import cmd_check, cmd_list
 from .commands.clean import cmd_clean
 from .commands.doctor import cmd_doctor
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--resume", metavar="RUN_DIR")
     p.add_argument("--no-trace", action="store_true", help="do not record socket-call traces")
+    p.add_argument("--capture", action="store_true",
+                   help="a pcap of every container's packets under captures/ (as `capture: true` in the file)")
     p.add_argument("--no-plots", action="store_true",
                    help="write report.md without plots (`lab.py report RUN_DIR` draws them later)")
     p.add_argument("--reuse", action="store_true",
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", metavar="KEY=VALUE,...", help="the program's link, e.g. rate=10mbit,delay=20ms "
                                                           "(up.KEY, down.KEY for one direction)")
     p.add_argument("--timeout", default="120s", help="bound on the run (default 120s)")
+    p.add_argument("--capture", action="store_true", help="a pcap of the program's and the server's packets")
     p.add_argument("--out", help="directory for run directories (default results/)")
     p.add_argument("args", nargs="*", metavar="-- ARGS",
                    help="the program's arguments ({host} and {port} filled in; default: {host} {port})")
@@ -109,7 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     q = link_sub.add_parser("set")
     q.add_argument("service")
     q.add_argument("assignments", nargs="+", metavar="KEY=VALUE")
+    q = link_sub.add_parser("verify", help="measure each client's path to the server against its configuration")
+    q.add_argument("service", nargs="?")
+    q.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("capture", help="a running lab's packets as pcap, live (| wireshark -k -i -)")
+    p.add_argument("service", help="the service whose container's eth0 to capture (e.g. client-blocking)")
+    p.add_argument("-w", "--write", metavar="FILE", help="write the pcap to FILE (default: stdout)")
+    p.add_argument("--replica", type=int, default=1, help="which of the service's containers (default 1)")
+    p.add_argument("-c", "--count", type=int, help="stop after this many packets")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    p.add_argument("--project", default="socklab", help="Compose project (default socklab)")
+    p.set_defaults(func=cmd_capture)
 
     p = sub.add_parser("clean", help="remove what the lab left behind (never a live run's objects)")
     p.add_argument("--force", action="store_true", help="remove the objects of runs still going too")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
-from typing import Iterable, Sequence
+from typing import BinaryIO, Iterable, Sequence
 
 import docker
 import docker.errors
@@ -114,6 +114,25 @@ class DockerAPI:
         except docker.errors.DockerException as exc:
             raise _convert(f"run {' '.join(argv)} in {container.name}", exc) from None
         return ExecJob(self, container, exec_id, stream)
+
+    def stream_exec(self, container: LabContainer, argv: Sequence[str], sink: BinaryIO) -> tuple[int | None, str]:
+        """Run ``argv`` in a running container, writing its stdout to ``sink`` as it comes (a live
+        capture's pcap); its exit status and stderr once it ends."""
+        try:
+            exec_id = self._client.api.exec_create(container.id, list(argv))["Id"]
+            stream = self._client.api.exec_start(exec_id, stream=True, demux=True)
+        except docker.errors.NotFound:
+            raise ContainerGone(f"container {container.name} is not running") from None
+        except docker.errors.DockerException as exc:
+            raise _convert(f"run {' '.join(argv)} in {container.name}", exc) from None
+        errors = []
+        for out, err in stream:
+            if out:
+                sink.write(out)
+                sink.flush()  # a reader (Wireshark) shows each packet as it comes
+            if err:
+                errors.append(err)
+        return self.exec_exit_code(exec_id), b"".join(errors).decode("utf-8", "replace")
 
     def exec_exit_code(self, exec_id: str) -> int | None:
         """The exit status of a finished exec; None while it runs."""

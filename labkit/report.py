@@ -2,7 +2,9 @@
 expectations, the pictures.
 
 Reads only the run directory's files (experiment.yaml, meta.json, cases.jsonl,
-traces/), so a run can be re-reported on another machine without Docker.
+traces/, captures/), so a run can be re-reported on another machine without
+Docker. What a capture says of TCP is in its record; only the time–sequence
+plot reads the pcaps themselves.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from . import markdown
+from . import linkcheck, markdown
 from .config import ClientGroup, LinkConfig, Program
 from .matrix import Case
 from .rundir import LoadedRun, RunDir
@@ -99,6 +101,116 @@ def _observed_text(observed: Mapping[str, Any]) -> str:
     return ", ".join(f"{k} = {number(v)}" for k, v in observed.items())
 
 
+def _count(n: int, word: str) -> str:
+    """``n`` and ``word``, plural unless one: "12 retransmitted segments"."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g} s"
+
+
+def _bytes_text(value: float) -> str:
+    """A byte count in decimal units, three significant digits: "1.4 MB"."""
+    for divisor, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if value >= divisor:
+            return f"{value / divisor:.3g} {unit}"
+    return f"{value:,.0f} B"
+
+
+def _cap_text(cap_bytes: int) -> str:
+    """The capture's cap as it was set: whole MiB where it is, else bytes."""
+    if cap_bytes and cap_bytes % 2 ** 20 == 0:
+        return f"{cap_bytes // 2 ** 20:,} MiB"
+    return f"{cap_bytes:,} B"
+
+
+def capture_text(capture: Mapping[str, Any]) -> str:
+    """A role's capture in one line: packets, retransmissions, when data flowed, payload, FIN; what the cap cut.
+
+    From the record alone (its ``tcp`` summary), so a report needs no pcap.
+    """
+    parts = [_count(capture.get("packets") or 0, "packet")]
+    tcp = capture.get("tcp")
+    if isinstance(tcp, Mapping):
+        parts.append(_count(tcp.get("retransmitted_segments") or 0, "retransmitted segment"))
+        if tcp.get("first_data_s") is not None:
+            parts.append(f"data from {_seconds(tcp['first_data_s'])} to {_seconds(tcp['last_data_s'])}")
+        else:
+            parts.append("no data")
+        payload = tcp.get("payload_bytes") or {}
+        to_server, from_server = payload.get("to_server") or 0, payload.get("from_server") or 0
+        parts.append(f"{to_server:,} payload bytes to the server"
+                     + (f", {from_server:,} from it" if from_server else ""))
+        fin = tcp.get("fin") or {}
+        both = {True: {True: "FIN seen both ways", False: "FIN seen to the server only"},
+                False: {True: "FIN seen from the server only", False: "no FIN seen"}}
+        parts.append(both[bool(fin.get("to_server"))][bool(fin.get("from_server"))])
+    else:
+        # Why the packets were not read (a torn file, or none kept), where the record says.
+        parts.append(f"not decoded ({capture['error']})" if capture.get("error") else "not decoded")
+    text = ", ".join(parts)
+    cut = []
+    if capture.get("cut_packets"):
+        cut.append(f"{capture['cut_packets']:,} packets ({_bytes_text(capture.get('cut_bytes') or 0)}) "
+                   f"cut at the {_cap_text(capture.get('cap_bytes') or 0)} cap")
+    if capture.get("dropped_by_kernel"):
+        cut.append(f"{_count(capture['dropped_by_kernel'], 'packet')} dropped by the kernel before the capture")
+    return text + "".join(f"; {c}" for c in cut)
+
+
+def _first_records(records: Sequence[Mapping[str, Any]], has: Any) -> dict[str, Mapping[str, Any]]:
+    """Per case, its first repetition (that ran to the end, if one did) for which ``has`` holds."""
+    chosen: dict[str, Mapping[str, Any]] = {}
+    for record in records:
+        if not has(record):
+            continue
+        best = chosen.get(record["case"])
+        rank = (record["status"] != "ok", record["repetition"])
+        if best is None or rank < (best["status"] != "ok", best["repetition"]):
+            chosen[record["case"]] = record
+    return chosen
+
+
+def _has_capture(record: Mapping[str, Any]) -> bool:
+    return isinstance((record.get("server") or {}).get("capture"), Mapping) or any(
+        isinstance(c.get("capture"), Mapping) for c in record.get("clients") or ())
+
+
+def _has_measured(record: Mapping[str, Any]) -> bool:
+    return bool((record.get("link") or {}).get("measured"))
+
+
+def _packet_lines(cases: Sequence[Case], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per case, a line per captured role and per measured link, from the case's first repetition
+    that has them; nothing when the run captured and measured nothing."""
+    captured, measured = _first_records(records, _has_capture), _first_records(records, _has_measured)
+    lines = []
+    for case in cases:
+        record = captured.get(case.id)
+        if record is not None:
+            roles = [(f"client {c['name']}" + (f"#{c['replica']}" if c.get("replica") else ""), c)
+                     for c in record.get("clients") or ()]
+            for role, entry in [*roles, ("server", record.get("server") or {})]:
+                if isinstance(entry.get("capture"), Mapping):
+                    lines.append(f"- `{case.id}` r{record['repetition']}: capture ({role}): "
+                                 f"{capture_text(entry['capture'])}")
+        record = measured.get(case.id)
+        if record is not None:
+            for key, verdict in record["link"]["measured"].items():
+                lines.append(f"- `{case.id}` r{record['repetition']}: link measured ({key}): "
+                             f"{linkcheck.verdict_text(verdict)}")
+            off = [r["repetition"] for r in records if r["case"] == case.id and r.get("link_ok") is False
+                   and r["repetition"] != record["repetition"]]
+            if off:
+                lines.append(f"- `{case.id}`: the link was off in r{', r'.join(map(str, sorted(off)))} as well")
+    if not lines:
+        return []
+    return ["### Captures and measured links", "",
+            "Each case's first repetition that captured packets (headers only; lengths from the IP and TCP "
+            "headers) or probed its links before the workload.", "", *lines, ""]
+
+
 def render(run: LoadedRun, plot_files: Sequence[plots.PlotFile] = ()) -> str:
     """The report's Markdown; ``plot_files`` are embedded from plots/ by relative path."""
     meta, cases, case_records = run.meta, run.cases, run.records
@@ -128,6 +240,7 @@ def render(run: LoadedRun, plot_files: Sequence[plots.PlotFile] = ()) -> str:
     for group in groups:
         lines += [f"### Client group `{group}`", "", *_metric_table(run.summary, _GROUP_COLUMNS, f"{group}."), ""]
     lines += ["### Server", "", *_metric_table(run.summary, _SERVER_COLUMNS, ""), ""]
+    lines += _packet_lines(cases, case_records)
     lines += ["## Expectations", ""]
     checked = [(record, e) for record in case_records for e in record.get("expectations") or ()]
     if checked:

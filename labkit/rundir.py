@@ -142,6 +142,14 @@ class RunDir:
         write_atomic(self.path / name, data, durable=True)
         return name
 
+    def write_capture(self, case_id: str, repetition: int, key: str, data: bytes) -> str:
+        """Keep one role's packet capture (``key`` as for a trace); returns the name its record
+        gives it (``captures/...``, relative to the run directory)."""
+        name = f"captures/{_file_word(case_id)}.r{repetition}.{_file_word(key)}.pcap"
+        (self.path / "captures").mkdir(exist_ok=True)
+        write_atomic(self.path / name, data, durable=True)
+        return name
+
     def write_output(self, case_id: str, repetition: int, key: str, stream: str, data: bytes) -> str:
         """Keep a program's whole ``stream`` (stdout or stderr) of one role (``key`` as for a
         trace); returns the name its record gives it (``outputs/...``)."""

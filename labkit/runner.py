@@ -31,10 +31,10 @@ from socklab.errors import EngineError, SocklabError
 from socklab.results import find_results
 from socklab.servers.lifecycle import LISTENING_LINE
 
-from . import records, scenario
+from . import linkcheck, pcap, records, scenario
 from .engine import ContainerGone, Engine, Lab, LabContainer, RoleHandle, StartFailed
 from .headline import RoleOutcome, cause_alone, headline, last_line, last_words, needs_last_words
-from .config import Program
+from .config import ClientGroup, Program, ServerConfig
 from .matrix import Case
 from .rundir import RunDir
 
@@ -75,12 +75,24 @@ def _is_server(role: RoleHandle) -> bool:
     return role.container.service == scenario.SERVER_SERVICE
 
 
+def _config_of(case: Case, role: RoleHandle) -> ServerConfig | ClientGroup | None:
+    """What ``case`` says of ``role``: the server, or its client group (None if it has none)."""
+    if _is_server(role):
+        return case.experiment.server
+    group = _group_of(role.container)
+    return next((g for g in case.experiment.clients if g.name == group), None)
+
+
 def _program_of(case: Case, role: RoleHandle) -> Program | None:
     """The program of the user's that ``role`` runs in ``case``, or None for a built-in role."""
-    if _is_server(role):
-        return case.experiment.server.program
-    group = _group_of(role.container)
-    return next((g.program for g in case.experiment.clients if g.name == group), None)
+    config = _config_of(case, role)
+    return config.program if config is not None else None
+
+
+def _captured(case: Case, role: RoleHandle) -> bool:
+    """Whether ``role``'s container captures its packets in ``case``."""
+    config = _config_of(case, role)
+    return config is not None and case.experiment.capture_of(config) is not None
 
 
 class CaseRunner:
@@ -278,6 +290,10 @@ class CaseRunner:
             trace = lab.read_file(role.container, scenario.TRACE_PATH) \
                 if self.trace and (program is not None or not _is_server(role)) else None
             outputs = {}
+            if _captured(case, role):
+                capture = lab.read_file(role.container, scenario.CAPTURE_PATH)
+                if capture is not None:
+                    outputs["capture"] = capture
             if program is not None:
                 for stream in scenario.PROGRAM_OUTPUTS:
                     data = lab.read_file(role.container, f"{scenario.PROGRAM_OUTPUT_DIR}/{stream}")
@@ -301,6 +317,7 @@ class CaseRunner:
         with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
             fetched = list(pool.map(fetch, roles))
         outcomes = [ended for ended, _, _, _ in fetched]
+        measured = {}  # each probing client container's link, judged (see labkit.linkcheck)
         for role, (ended, program, trace, outputs) in zip(roles, fetched):
             container = role.container
             by_role = {r.get("role"): r for r in ended.results}
@@ -320,12 +337,17 @@ class CaseRunner:
                 # The server's device names the link's MTU (the TCP ceiling follows from it).
                 if is_server or link["mtu"] is None:
                     link["mtu"] = shown.get("mtu")
+            if "probe" in by_role:
+                measured[key] = linkcheck.judge(by_role["probe"])
             trace_file = self.rundir.write_trace(case.id, repetition, key, trace) if trace else None
+            capture = self._capture(case, repetition, key, by_role.get("capture"), outputs.pop("capture", None))
             result = by_role.get("server" if is_server else "client")
             if program is not None and result is not None:
                 kept = {stream: self.rundir.write_output(case.id, repetition, key, stream, data)
                         for stream, data in outputs.items()}
                 result = records.with_program(result, program, self._program_digest(program), kept)
+            if capture is not None:
+                result = {**(result or {"role": "server" if is_server else "client"}), "capture": capture}
             if is_server:
                 # A server that printed no result (killed before it could) still leaves no record of its own.
                 server_result = result if trace_file is None or result is None else {**result, "trace": trace_file}
@@ -333,14 +355,38 @@ class CaseRunner:
             clients.append(records.client_record(group, replica, result, trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
+        if measured:
+            link["measured"] = measured
+            if case.experiment.verify == "strict" and status == "ok":
+                error = linkcheck.strict_failure(measured)
+                status = "failed" if error else status
         clients = records.with_deliveries(clients, server_result)
         record = records.case_record(
             case=case, repetition=repetition, status=status, error=error, wall_s=wall_s,
             link=link, server=records.server_record(server_result),
             clients=sorted(clients, key=lambda c: (c["name"], c["replica"])))
+        if measured:
+            record["link_ok"] = linkcheck.case_link_ok(measured)
         if nodes:
             record["nodes"] = nodes
         return record
+
+    def _capture(self, case: Case, repetition: int, key: str, said: Mapping | None,
+                 data: bytes | None) -> dict | None:
+        """A role's capture as its record holds it: the entrypoint's counts, the file kept in
+        the run directory, and what the packets say of TCP (None when the role captured nothing)."""
+        if said is None and data is None:
+            return None
+        capture = {k: v for k, v in (said or {}).items() if k not in ("socklab_result", "role")}
+        capture["file"] = None
+        capture["tcp"] = None
+        if data is not None:
+            capture["file"] = self.rundir.write_capture(case.id, repetition, key, data)
+            try:
+                capture["tcp"] = pcap.summarize(self.rundir.path / capture["file"], scenario.SERVER_PORT)
+            except SocklabError as exc:  # a capture cut short still leaves the case its record
+                capture["error"] = str(exc)
+        return capture
 
     def _program_digest(self, program: Program) -> str | None:
         """The sha256 of the run directory's copy of ``program`` (None for a command)."""

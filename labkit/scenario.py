@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from socklab import shaping
+from socklab import linkprobe, shaping
+from socklab.capture import CAPTURE_PATH, ENV_CAPTURE, CaptureSettings
 from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
@@ -82,8 +83,24 @@ def role_files(program: Program | None) -> tuple[str, ...]:
     """The files a role leaves in its container for the orchestrator to collect: in a kept
     container they are removed before the next case's role starts, so that none passes for its."""
     if program is None:
-        return (TRACE_PATH,)
-    return (TRACE_PATH, *(f"{PROGRAM_OUTPUT_DIR}/{stream}" for stream in PROGRAM_OUTPUTS))
+        return (TRACE_PATH, CAPTURE_PATH)
+    return (TRACE_PATH, CAPTURE_PATH, *(f"{PROGRAM_OUTPUT_DIR}/{stream}" for stream in PROGRAM_OUTPUTS))
+
+
+def capture_env(settings: CaptureSettings | None) -> dict[str, str]:
+    """The variable that makes a container's entrypoint capture its packets (empty: none)."""
+    return {ENV_CAPTURE: settings.to_env() if settings is not None else ""}
+
+
+def probe_env(experiment: Experiment, group: ClientGroup | None) -> dict[str, str]:
+    """The variables of the link probe: the server answers probes, a client probes its path
+    before its workload when a link on that path is shaped (``verify: off``: neither)."""
+    if group is None:
+        return {linkprobe.ENV_PROBE_RESPOND: "" if experiment.verify == "off" else str(SERVER_PORT)}
+    shaped = group.link.is_shaped or experiment.server.link.is_shaped
+    probing = experiment.verify != "off" and shaped
+    return {linkprobe.ENV_PROBE: f"{SERVER_SERVICE}:{SERVER_PORT}" if probing else "",
+            linkprobe.ENV_PROBE_GROUP: group.name}
 
 
 def program_files(experiment: Experiment) -> list[str]:
@@ -190,7 +207,8 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
         SERVER_SERVICE: {
             "command": server_argv(experiment),
             "environment": {**link_env(experiment.server.link), "SOCKLAB_RESULT_DIR": "",
-                            "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1"},
+                            "SOCKLAB_RESULT_RESET": "0", "SOCKLAB_REPORT_LINK": "1",
+                            **capture_env(experiment.capture_of(experiment.server)), **probe_env(experiment, None)},
             "labels": labels(),
             **placement(experiment.server.placement),
             **mounts(experiment.server.program),
@@ -202,7 +220,8 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "extends": {"file": str(COMPOSE_FILE), "service": "client"},
             "command": client_argv(group, trace=trace, lab_server=experiment.server.program is None),
             "environment": {**link_env(group.link), "SOCKLAB_RESULT_DIR": "",
-                            "SOCKLAB_REPORT_LINK": "1"},
+                            "SOCKLAB_REPORT_LINK": "1", **capture_env(experiment.capture_of(group)),
+                            **probe_env(experiment, group)},
             "labels": labels(),
             "depends_on": {READY_SERVICE: {"condition": "service_completed_successfully"}},
             "deploy": {"replicas": group.replicas, **placement(group.placement).get("deploy", {})},

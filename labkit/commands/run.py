@@ -18,7 +18,7 @@ from typing import Sequence
 from socklab.errors import UsageError
 
 from .. import engine as engines
-from .. import owner, proc, records, scenario
+from .. import linkcheck, owner, proc, records, scenario
 from ..compose import REPO_ROOT
 from ..matrix import Case, expand_runs
 from .common import DEFAULT_OUT, checked_cases, load, print_cases, progress_line, say
@@ -58,13 +58,18 @@ def _dry_run(cases: Sequence[Case]) -> int:
 
 def _summary_table(case_records: Sequence[dict]) -> None:
     say("")
-    header = f"{'case':<48} {'rep':>3} {'status':<8} {'wall s':>8} {'expectations':>12}"
+    header = f"{'case':<48} {'rep':>3} {'status':<8} {'wall s':>8} {'expectations':>12} {'link':>6}"
     say(header)
     say("-" * len(header))
     for r in case_records:
         held = sum(e["passed"] for e in r["expectations"])
+        # Measured against configured (see labkit.linkcheck): "-" where no link was shaped or verify is off.
+        link = {True: "ok", False: "OFF", None: "?"}[r["link_ok"]] if "link_ok" in r else "-"
         say(f"{r['case'][:48]:<48} {r['repetition']:>3} {r['status']:<8} {r['wall_s']:>8.2f} "
-            f"{held:>5}/{len(r['expectations']):<6}")
+            f"{held:>5}/{len(r['expectations']):<6} {link:>6}")
+        for key, verdict in sorted(((r.get("link") or {}).get("measured") or {}).items()):
+            if verdict.get("ok") is not True:
+                say(f"    link of {key}: {linkcheck.verdict_text(verdict)}")
         for e in r["expectations"]:
             if not e["passed"]:
                 say(f"    did not hold: {e['name']}: {e['check']} "
@@ -100,7 +105,8 @@ def cmd_run(args) -> int:
     """Run an experiment's cases and write the run directory."""
     from ..rundir import RunDir
 
-    overrides = list(args.set) + ([f"repeat={args.repeat}"] if args.repeat is not None else [])
+    overrides = list(args.set) + ([f"repeat={args.repeat}"] if args.repeat is not None else []) \
+        + (["capture=true"] if args.capture else [])
     rundir = None
     if args.resume:
         rundir = RunDir.open_existing(Path(args.resume))

@@ -53,7 +53,8 @@ def _program(path: Path, root: Path, args: Sequence[str]) -> dict[str, Any]:
 
 
 def try_experiment(program: Path, args: Sequence[str] | None, *, server: Path | None = None,
-                   server_mode: str | None = None, link: str | None = None, timeout: str = "120s") -> Experiment:
+                   server_mode: str | None = None, link: str | None = None, timeout: str = "120s",
+                   capture: bool = False) -> Experiment:
     """The one-case experiment ``lab.py try`` runs, loaded like any experiment file.
 
     Programs' paths are given relative to the directory that holds them all (the
@@ -77,6 +78,8 @@ def try_experiment(program: Path, args: Sequence[str] | None, *, server: Path | 
         server_part = {"mode": server_mode or "blocking"}
     tree = {"name": EXPERIMENT_NAME, "description": f"lab.py try {program.name}", "timeout": timeout,
             "program_root": str(root), "server": server_part, "clients": [client]}
+    if capture:
+        tree["capture"] = True
     try:
         return load_experiment_text(yaml.safe_dump(tree, sort_keys=False), SOURCE)
     except ConfigError as exc:
@@ -117,7 +120,7 @@ def cmd_try(args) -> int:
         raise UsageError("lab.py try: give --server SERVER.py or --server-mode MODE, not both")
     experiment = try_experiment(Path(args.program), args.args if args.args else None,
                                 server=Path(args.server) if args.server else None, server_mode=args.server_mode,
-                                link=args.link, timeout=args.timeout)
+                                link=args.link, timeout=args.timeout, capture=args.capture)
     cases = checked_cases(experiment)
     rundir, interrupted = execute(experiment, cases, engine_name="compose", image=None,
                                   out_root=Path(args.out) if args.out else DEFAULT_OUT)
@@ -135,6 +138,9 @@ def cmd_try(args) -> int:
     for client in record["clients"]:
         if client.get("trace"):
             say(f"socket calls of {client['name']}: {rundir.path / client['trace']}")
+    for role in (*record["clients"], record.get("server") or {}):
+        if (role.get("capture") or {}).get("file"):
+            say(f"packets of {role.get('name', 'the server')}: {rundir.path / role['capture']['file']}")
     timeline = rundir.path / "plots" / "send-timeline.png"
     if timeline.is_file():
         say(f"send-call timeline: {timeline}")

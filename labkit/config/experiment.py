@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from socklab.capture import CaptureSettings
 from socklab.shaping import LinkChanges, LinkShape, LinkSpec
 
 from .. import expr
@@ -205,6 +206,7 @@ class ServerConfig:
     rcvbuf_bytes: int | None = None
     placement: tuple[str, ...] | None = None  # Swarm constraints; None: the engine decides
     program: Program | None = None
+    capture: CaptureSettings | bool | None = None  # None: as the experiment says; False: none
 
     def to_dict(self) -> dict[str, Any]:
         """The server as config keys."""
@@ -228,6 +230,7 @@ class ClientGroup:
     # A program of the user's instead of a built-in mode and workload: then ``mode`` is
     # its name and ``workload`` is of kind "program".
     program: Program | None = None
+    capture: CaptureSettings | bool | None = None  # None: as the experiment says; False: none
 
     def to_dict(self) -> dict[str, Any]:
         """The group as config keys."""
@@ -319,6 +322,8 @@ class Experiment:
     container_memory_bytes: int = DEFAULT_CONTAINER_MEMORY_BYTES
     # The directory programs' paths are relative to, as written (relative to the file).
     program_root: str = "."
+    capture: CaptureSettings | bool | None = None  # every role's, unless its own says otherwise
+    verify: str = "mark"  # what a link measured off its configuration does (see labkit.linkcheck)
     source: RawConfig | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -331,6 +336,11 @@ class Experiment:
     def program_dir(self) -> Path:
         """The directory programs' paths are relative to: ``program_root`` from the file's directory."""
         return program_dir_of(self.source.filename if self.source is not None else "", self.program_root)
+
+    def capture_of(self, role: ServerConfig | ClientGroup) -> CaptureSettings | None:
+        """What of ``role``'s packets is captured: its own ``capture``, else the experiment's; None for none."""
+        chosen = role.capture if role.capture is not None else self.capture
+        return chosen or None
 
     def group(self, name: str) -> ClientGroup:
         """The client group called ``name`` (KeyError if there is none)."""
@@ -367,7 +377,7 @@ class Experiment:
     def to_dict(self) -> dict[str, Any]:
         """The resolved experiment as plain data in the config format (for
         ``experiment.yaml``); loading it again gives an equal Experiment."""
-        result = render_fields(self, TOP_FIELDS)
+        result = render_optional_fields(self, TOP_FIELDS)
         result["server"] = self.server.to_dict()
         result["clients"] = [group.to_dict() for group in self.clients]
         if self.matrix:

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from socklab import units
+from socklab.capture import DEFAULT_CAP_BYTES, DEFAULT_SNAPLEN, CaptureSettings
 from socklab.errors import UsageError
 from socklab.shaping import model as link_model
+
+from ..linkcheck import VERIFY_CHOICES
 
 SERVER_MODES = ("blocking", "threaded", "select", "poll", "epoll", "asyncio")
 CLIENT_MODES = ("blocking", "nonblocking", "nonblocking-spin", "select", "poll",
@@ -184,6 +187,39 @@ def _identity(value: Any) -> Any:
     return value
 
 
+_CAPTURE_KEYS = ("snaplen", "cap")
+_CAPTURE_ALLOWED = ("use true (headers of every packet, at most 32 MiB a container), false, or a mapping with "
+                    "snaplen (bytes kept of each packet) and cap (the most one container's capture may hold), "
+                    "e.g. {snaplen: 256, cap: 64MiB}")
+
+
+def _capture(value: object) -> CaptureSettings | bool | None:
+    """``capture``: true (defaults), false (none, whatever the experiment says), or
+    ``{snaplen: BYTES, cap: SIZE}``; None (null) is unset."""
+    if value is None or value is False:
+        return value
+    if value is True:
+        return CaptureSettings(DEFAULT_SNAPLEN, DEFAULT_CAP_BYTES)
+    if not isinstance(value, Mapping):
+        raise UsageError(f"{value!r} is not a capture setting: {_CAPTURE_ALLOWED}")
+    unknown = [k for k in value if k not in _CAPTURE_KEYS]
+    if unknown:
+        raise UsageError(f"{unknown[0]!r} is not a capture key: {_CAPTURE_ALLOWED}")
+    snaplen = value.get("snaplen", DEFAULT_SNAPLEN)
+    if isinstance(snaplen, bool) or not isinstance(snaplen, int):
+        raise UsageError(f"snaplen {snaplen!r} is not a whole number of bytes: {_CAPTURE_ALLOWED}")
+    cap = units.parse_size_bytes(value["cap"]) if "cap" in value else DEFAULT_CAP_BYTES
+    return CaptureSettings.checked(snaplen, cap)
+
+
+def _render_capture(settings: CaptureSettings | bool | None) -> Any:
+    if settings is None or settings is False:
+        return settings
+    if (settings.snaplen_bytes, settings.cap_bytes) == (DEFAULT_SNAPLEN, DEFAULT_CAP_BYTES):
+        return True
+    return {"snaplen": settings.snaplen_bytes, "cap": render_size(settings.cap_bytes)}
+
+
 @dataclass(frozen=True)
 class Field:
     """A config key: its attribute (unit in the name), parser, default, renderer."""
@@ -196,6 +232,8 @@ class Field:
 
 
 REQUIRED = object()
+# A pcap of a role's packets (see socklab.capture); a role's unset: the experiment's.
+CAPTURE_FIELD = Field("capture", "capture", _capture, None, _render_capture)
 
 TOP_FIELDS = (
     Field("name", "name", _experiment_name, REQUIRED),
@@ -203,7 +241,12 @@ TOP_FIELDS = (
     Field("repeat", "repeat", _whole(1), 1),
     Field("timeout", "timeout_s", parse_positive_seconds, 300.0, render_seconds),
     Field("container_memory", "container_memory_bytes", _size, DEFAULT_CONTAINER_MEMORY_BYTES, render_size),
+    # Every role's packets (a role's own `capture` says otherwise for it).
+    CAPTURE_FIELD,
+    # What a link measured off its configuration does to the case: mark it, fail it, or measure nothing.
+    Field("verify", "verify", choice_parser("a link verification", VERIFY_CHOICES), "mark"),
 )
+
 # Where a swarm runs a role's tasks (the Compose engine has one host and ignores it).
 PLACEMENT_FIELD = Field("placement", "placement", _optional(_placement), None,
                         lambda constraints: None if constraints is None else list(constraints))
@@ -213,6 +256,7 @@ SERVER_FIELDS = (
     # SO_RCVBUF of every accepted connection: the receive window a sender meets.
     Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
     PLACEMENT_FIELD,
+    CAPTURE_FIELD,
 )
 CLIENT_FIELDS = (
     Field("name", "name", _group_name, REQUIRED),
@@ -224,6 +268,7 @@ CLIENT_FIELDS = (
     Field("sndbuf", "sndbuf_bytes", _optional(_size), None),
     Field("rcvbuf", "rcvbuf_bytes", _optional(_size), None),
     PLACEMENT_FIELD,
+    CAPTURE_FIELD,
 )
 LINK_FIELDS = tuple(
     Field(key, attr, _link_value(key), None, _render_link_value(key))
@@ -257,7 +302,7 @@ WORKLOAD_FIELDS = {
 ALL_WORKLOAD_FIELDS = (WORKLOAD_KIND_FIELD, *(f for fs in WORKLOAD_FIELDS.values() for f in fs))
 LINK_KEYS = (*(f.key for f in LINK_FIELDS), "up", "down", "backend")
 TOP_KEYS = ("name", "description", "repeat", "timeout", "server", "clients", "matrix", "schedule", "expect",
-            "container_memory", "program_root")
+            "container_memory", "program_root", "capture", "verify")
 
 # ------------------------------------------------------------ a user's own program
 # What a program's or command's arguments may name: the server's host name and the

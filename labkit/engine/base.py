@@ -24,7 +24,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, BinaryIO, Mapping, Protocol, Sequence, runtime_checkable
 
 # Every container, network and volume the lab creates carries this label, so
 # `lab.py clean` can find them and nothing else.
@@ -129,6 +129,10 @@ class Lab(Protocol):
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
         """A file out of a running or ended container (a trace); None if it is not there."""
+
+    def stream(self, container: LabContainer, argv: Sequence[str], sink: BinaryIO) -> tuple[int | None, str]:
+        """Run ``argv`` in a running container, its stdout written to ``sink`` as it comes
+        (``lab.py capture``); its exit status and stderr once it ends."""
 
     def down(self) -> None:
         """Remove every container, network and volume of this lab (whatever state they are in)."""

@@ -22,7 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import yaml
 
@@ -174,6 +174,9 @@ class SdkContainers:
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
         return self.api.read_file(container, path)
+
+    def stream(self, container: LabContainer, argv: Sequence[str], sink: BinaryIO) -> tuple[int | None, str]:
+        return self.api.stream_exec(container, argv, sink)
 
 
 @dataclass

@@ -37,11 +37,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, BinaryIO, Callable, Mapping, Sequence, TypeVar
 
 import yaml
 from tenacity import RetryError, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
+from socklab.capture import CAPTURE_PATH
 from socklab.entry import ENV_EMIT_FILES
 from socklab.errors import UsageError
 from socklab.results import find_files, find_results
@@ -132,10 +133,10 @@ def stack_file(resolved: Mapping[str, Any], services: Sequence[str], *, image: s
                 service[key] = spec[key]
         if "command" in service:
             service["command"] = [escape_dollars(str(word)) for word in service["command"]]
-        # A trace comes back in the task's log: nothing can copy it off another node.
+        # A trace or capture comes back in the task's log: nothing can copy it off another node.
         service["environment"] = {**{k: escape_dollars("" if v is None else str(v))
                                      for k, v in (service.get("environment") or {}).items()},
-                                  ENV_EMIT_FILES: TRACE_PATH}
+                                  ENV_EMIT_FILES: f"{TRACE_PATH} {CAPTURE_PATH}"}
         service_labels = {**(spec.get("labels") or {}), **labels}
         service["labels"] = service_labels
         service["networks"] = [NETWORK]
@@ -501,6 +502,13 @@ class SwarmLab:
 
     def read_file(self, container: LabContainer, path: str) -> bytes | None:
         return self.node_of(container).read_file(container, path)
+
+    def stream(self, container: LabContainer, argv: Sequence[str], sink: BinaryIO) -> tuple[int | None, str]:
+        node = self.node_of(container)
+        if not isinstance(node, SdkNode):
+            raise LabEngineError(f"{container.name} runs on node {container.node}, and a live stream comes only "
+                                 "from the manager's own node (a task sent to another node returns once it ends)")
+        return node.stream(container, argv, sink)
 
     def down(self) -> None:
         proc.run(["docker", "stack", "rm", self.name], check=False, timeout_s=120)

@@ -4,7 +4,7 @@
 - :mod:`.kit`: the drawing kit: colour per mode, style per run, figure, legend, save.
 - :mod:`.kinds`: the registry of plot kinds that report and compare draw; each kind's
   extraction and drawing are in :mod:`.timeline`, :mod:`.bars`, :mod:`.latency`,
-  :mod:`.queue`.
+  :mod:`.queue`, :mod:`.tseq`.
 """
 
 from .kinds import PLOT_KINDS, PlotFile, PlotKind, draw_plots

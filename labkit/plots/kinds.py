@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..rundir import LoadedRun
-from . import bars, latency, queue, timeline
+from . import bars, latency, queue, timeline, tseq
 from .extract import TraceLoader, trace_loader
 
 
@@ -32,7 +32,8 @@ class PlotKind:
     """One kind of plot.
 
     ``needs`` says what of a run it is drawn from ("traces": the client
-    traces; "summary": the summary over repetitions); ``extract`` returns its
+    traces; "summary": the summary over repetitions; "captures": the packet
+    captures under captures/); ``extract`` returns its
     data, or something empty (None, no panels) when the runs have none;
     ``draw`` writes the PNG; ``caption`` says what to look for.
     """
@@ -70,6 +71,8 @@ PLOT_KINDS: tuple[PlotKind, ...] = (
              _cpu_caption),
     PlotKind("send-queue.png", "Send-queue occupancy", "traces", queue.queue_panels, queue.draw_send_queue,
              queue.caption),
+    PlotKind("tcp-sequence.png", "TCP time–sequence graph", "captures", tseq.sequence_panels, tseq.draw_tseq,
+             tseq.caption),
 )
 
 

@@ -18,6 +18,7 @@ ROLES = {
     "summary": "socklab.summary",
     "node": "socklab.node",
     "program": "socklab.program",
+    "probe": "socklab.linkprobe",
 }
 
 

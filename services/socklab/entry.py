@@ -132,6 +132,69 @@ def report_link(delay_line: dict | None = None) -> None:
     emit_result({"role": "link", **shown})
 
 
+def start_responder(applied: dict):
+    """The server's answer to the clients' link probes (SOCKLAB_PROBE_RESPOND: its UDP port), or None."""
+    from . import linkprobe, shaping
+
+    port = os.environ.get(linkprobe.ENV_PROBE_RESPOND, "").strip()
+    if not port:
+        return None
+    state_path = shaping.commands.state_path_from(os.environ)
+
+    def link_now() -> dict:
+        # Read at each hello: a link changed by `shape set` since the start is the one probed.
+        state = shaping.commands.read_state(state_path)
+        return (state or applied).get("applied") or {}
+
+    return linkprobe.start_responder(int(port), link_now)
+
+
+def probe_link(applied: dict) -> None:
+    """Measure this container's path to the server before the workload (SOCKLAB_PROBE: HOST:PORT),
+    and print what was measured as a ``probe`` result line."""
+    from . import linkprobe
+
+    target = os.environ.get(linkprobe.ENV_PROBE, "").strip()
+    if not target:
+        return
+    host, port = linkprobe.parse_server(target)
+    group = os.environ.get(linkprobe.ENV_PROBE_GROUP, "").strip() or None
+    measured = linkprobe.measure_link(host, port, applied.get("applied") or {}, group=group)
+    emit_result({"role": "probe", **measured})
+
+
+def start_capture():
+    """Start capturing the lab device's packets (SOCKLAB_CAPTURE), before the workload's first
+    one; None when no capture is asked for."""
+    from . import capture
+    from .linkprobe import ENV_PROBE, ENV_PROBE_RESPOND, parse_server
+
+    settings = capture.CaptureSettings.from_env(os.environ)
+    if settings is None:
+        return None
+    # The probe's packets are the lab's measurement of itself, not the workload's traffic.
+    respond, target = os.environ.get(ENV_PROBE_RESPOND, "").strip(), os.environ.get(ENV_PROBE, "").strip()
+    probe_port = int(respond) if respond else parse_server(target)[1] if target else None
+    # eth0 whatever device the link shapes: the capture is of the lab's traffic, where it really goes.
+    return capture.start_capture(settings, exclude_udp_port=probe_port)
+
+
+# How long a capture waits, once the workload has ended, for its connections to close at both
+# ends (its FIN acknowledged, the peer's FIN received), and then for the last packets to reach
+# tcpdump.
+CAPTURE_CLOSE_WAIT_S = 10.0
+CAPTURE_SETTLE_S = 0.2
+
+
+def stop_capture(running) -> None:
+    """Stop a capture once the connections have closed, and print its ``capture`` result line."""
+    from .program import drain_wait, open_connections, read_tables
+
+    drain_wait(read_tables, CAPTURE_CLOSE_WAIT_S, pending=open_connections)
+    time.sleep(CAPTURE_SETTLE_S)
+    emit_result({"role": "capture", **running.stop()})
+
+
 def report_killed(role: str, code: int) -> None:
     """Print the failure line of a workload that a signal killed (status 128+N)."""
     try:
@@ -225,7 +288,16 @@ def main(argv: list[str]) -> int:
     result_dir = os.environ.get("SOCKLAB_RESULT_DIR")
     if result_dir:
         prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
-    code = supervise(command)
+    responder = start_responder(applied)
+    probe_link(applied)
+    capture = start_capture()
+    try:
+        code = supervise(command)
+    finally:
+        if capture is not None:
+            stop_capture(capture)
+        if responder is not None:
+            responder.stop()
     if code > 128:  # killed: the workload could not say so itself
         report_killed(role if role != "exec" else os.path.basename(command[0]), code)
     final = stop_delay_line()

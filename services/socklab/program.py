@@ -334,6 +334,18 @@ def pending_sends(text: str) -> tuple[int, int]:
     return sockets, unsent
 
 
+# Closed, as far as a capture is concerned: nothing more will cross the wire (TIME_WAIT only
+# answers a retransmitted FIN), or nothing ever did (a listener).
+_QUIET_STATES = frozenset({0x06, 0x07, LISTEN})  # TIME_WAIT, CLOSE, LISTEN
+
+
+def open_connections(text: str) -> tuple[int, int]:
+    """(sockets, bytes) of connections not yet closed at both ends: established, closing or
+    half-closed, waiting for the peer's FIN; ``bytes`` as in :func:`pending_sends`."""
+    rows = [row for row in parse_tcp_table(text) if row.state not in _QUIET_STATES]
+    return len(rows), sum(row.tx_queue for row in rows)
+
+
 def read_tables(paths: Sequence[str] = SOCKET_TABLES) -> str:
     """The text of every socket table there is (no IPv6 in this kernel: no tcp6)."""
     parts = []
@@ -348,8 +360,12 @@ def read_tables(paths: Sequence[str] = SOCKET_TABLES) -> str:
 
 def drain_wait(read: Callable[[], str], bound_s: float, *, clock: Callable[[], float] = time.monotonic,
                sleep: Callable[[float], None] = time.sleep, poll_s: float = POLL_S,
-               stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+               stop: Callable[[], bool] = lambda: False,
+               pending: Callable[[str], tuple[int, int]] = pending_sends) -> dict[str, Any]:
     """Wait until no socket has anything left to deliver, at most ``bound_s`` (or until ``stop()``).
+
+    ``pending``: what still counts, from the tables' text (:func:`pending_sends`; a capture
+    waits for :func:`open_connections`, so that the peer's FIN is in it too).
 
     ``{"s": seconds waited, "unsent_bytes": bytes still queued when it gave up (0 when
     complete), "complete": whether everything was delivered}``.
@@ -357,7 +373,7 @@ def drain_wait(read: Callable[[], str], bound_s: float, *, clock: Callable[[], f
     start = clock()
     deadline = start + bound_s
     while True:
-        sockets, unsent = pending_sends(read())
+        sockets, unsent = pending(read())
         now = clock()
         if sockets == 0:
             return {"s": round(now - start, 3), "unsent_bytes": 0, "complete": True}

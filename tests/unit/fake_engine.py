@@ -249,6 +249,11 @@ class FakeLab:
         fake = next(f for f in self.fakes if f.handle == container)
         return None if fake.gone() else fake.files.get(path)
 
+    def stream(self, container: LabContainer, argv: Sequence[str], sink) -> tuple[int | None, str]:
+        code, out = self.exec(container, argv)
+        sink.write(out.encode())
+        return code, ""
+
     def down(self) -> None:
         self.downed = True
         self.engine.downs.append(self.name)

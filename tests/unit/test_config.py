@@ -202,7 +202,7 @@ BAD = [
      "server.mode: 'fork' is not a server mode: use one of blocking, threaded, select, poll, epoll, asyncio"),
     ("name: t\nserver:\n  recv_size: 0\nclients:\n  - name: sender\n", 3, "server.recv_size: 0 is too small"),
     ("name: t\nserver:\n  idle: 5s\nclients:\n  - name: sender\n", 3,
-     "server.idle: unknown key for the server: use mode, recv_size, rcvbuf, placement, link"),
+     "server.idle: unknown key for the server: use mode, recv_size, rcvbuf, placement, capture, link"),
     ("name: t\nclients:\n  - name: sender\n    mode: async\n", 4,
      "clients[0].mode: 'async' is not a client mode: use one of blocking, nonblocking, nonblocking-spin, select, "
      "poll, epoll, asyncio, timeout"),
@@ -391,6 +391,19 @@ BAD = [
      "clients[0].placement: 'node.role == leader' is not a placement constraint: node.role is manager or worker"),
     ("name: t\nclients:\n  - name: sender\n    placement: []\n", 4,
      "clients[0].placement: the list of placement constraints is empty: give one or more, or leave placement out"),
+    # Captures and link verification.
+    ("name: t\ncapture: yes please\nclients:\n  - name: sender\n", 2,
+     "capture: 'yes please' is not a capture setting: use true"),
+    ("name: t\nclients:\n  - name: sender\n    capture: {snaplen: 10}\n", 4,
+     "clients[0].capture: snaplen 10 is out of range: use 64 to 262144 bytes"),
+    ("name: t\nclients:\n  - name: sender\n    capture: {snaplen: 128, cap: 1KiB}\n", 4,
+     "clients[0].capture: cap 1024 is too small: use at least 65536 bytes"),
+    ("name: t\nserver:\n  capture: {depth: 3}\nclients:\n  - name: sender\n", 3,
+     "server.capture: 'depth' is not a capture key"),
+    ("name: t\nserver:\n  capture: {snaplen: 1.5}\nclients:\n  - name: sender\n", 3,
+     "snaplen 1.5 is not a whole number of bytes"),
+    ("name: t\nverify: always\nclients:\n  - name: sender\n", 2,
+     "verify: 'always' is not a link verification: use one of mark, strict, off"),
 ]
 
 

@@ -284,8 +284,8 @@ def test_zoom_and_smoothing_helpers():
 
 def test_report_and_compare_draw_the_registry_of_plot_kinds(tmp_path):
     assert [k.name for k in plots.PLOT_KINDS] == ["send-timeline.png", "goodput.png", "latency-cdf.png",
-                                                  "cpu-blocked.png", "send-queue.png"]
-    assert {k.needs for k in plots.PLOT_KINDS} == {"traces", "summary"}
+                                                  "cpu-blocked.png", "send-queue.png", "tcp-sequence.png"]
+    assert {k.needs for k in plots.PLOT_KINDS} == {"traces", "summary", "captures"}
     # A kind is one registry entry: here one drawn from the summary alone, and one with no data.
     loaded = RunDir(copy_run(ECHO, tmp_path)).load()
     seen = []

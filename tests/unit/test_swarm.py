@@ -89,7 +89,7 @@ def test_dollars_are_escaped_and_unset_variables_are_empty():
     sender = build()["services"]["client-sender"]
     assert sender["command"] == ["client", "--pattern", "costs $$5\n"]
     assert sender["environment"] == {"SOCKLAB_LINK_RATE": "100mbit", "SOCKLAB_LINK_DELAY": "",
-                                     ENV_EMIT_FILES: scenario.TRACE_PATH}
+                                     ENV_EMIT_FILES: f"{scenario.TRACE_PATH} {scenario.CAPTURE_PATH}"}
     # The stack file survives YAML as it is saved into the run directory.
     assert yaml.safe_load(yaml.safe_dump(build()))["services"]["client-sender"]["command"][2] == "costs $$5\n"
 
