@@ -139,4 +139,6 @@ def verdict_text(verdict: Mapping[str, Any]) -> str:
     state = {True: "ok", False: "off"}.get(ok, "not judged")
     problems = verdict.get("problems") or []
     tail = f" — {'; '.join(problems)}" if problems and ok is not True else ""
-    return f"{', '.join(parts) or 'nothing measured'}: {state}{tail}"
+    # The probe runs before the workload: its time is the case's, never the socket calls'.
+    cost = f" (probe {verdict['probe_s']:.2f} s)" if verdict.get("probe_s") is not None else ""
+    return f"{', '.join(parts) or 'nothing measured'}{cost}: {state}{tail}"

@@ -20,7 +20,7 @@ from .fields import (ALL_WORKLOAD_FIELDS, BACKEND_FIELD, CLIENT_FIELDS, LINK_FIE
 from .raw import KeyPath, Origin, RawConfig, locate, set_in, without
 
 # The top-level settings `--set` may change; the matrix and `when` address only timeout.
-OVERRIDE_TOP_KEYS = ("name", "description", "repeat", "timeout", "container_memory")
+OVERRIDE_TOP_KEYS = ("name", "description", "repeat", "timeout", "container_memory", "capture", "verify")
 
 
 def group_index(tree: Mapping[str, Any], name: str, fail: Callable[[str], NoReturn]) -> int:

@@ -116,10 +116,12 @@ def stop_delay_line() -> dict | None:
         return None
 
 
-def report_link(delay_line: dict | None = None) -> None:
+def report_link(delay_line: dict | None = None, since: dict | None = None) -> None:
     """Print the link as applied, with its counters, as a ``link`` result line.
 
     ``delay_line``: the delay line's final counters, when it was stopped first.
+    ``since``: the link as it was once the link probe had measured it; the counts
+    are then those of what passed after (``counted``: "after the link probe").
     """
     from . import shaping
 
@@ -129,6 +131,8 @@ def report_link(delay_line: dict | None = None) -> None:
     except (SocklabError, OSError) as exc:  # the workload's result matters more than this
         print(f"socklab: could not read the link's counters: {exc}", file=sys.stderr, flush=True)
         return
+    if since is not None:
+        shown = {**shaping.counts_since(shown, since), "counted": "after the link probe"}
     emit_result({"role": "link", **shown})
 
 
@@ -149,18 +153,27 @@ def start_responder(applied: dict):
     return linkprobe.start_responder(int(port), link_now)
 
 
-def probe_link(applied: dict) -> None:
+def probe_link(applied: dict) -> dict | None:
     """Measure this container's path to the server before the workload (SOCKLAB_PROBE: HOST:PORT),
-    and print what was measured as a ``probe`` result line."""
-    from . import linkprobe
+    and print what was measured as a ``probe`` result line.
+
+    The link's counters once the probe is done, or None when there was no probe: the
+    ``link`` line counts from there, so that its counters are the workload's alone.
+    """
+    from . import linkprobe, shaping
 
     target = os.environ.get(linkprobe.ENV_PROBE, "").strip()
     if not target:
-        return
+        return None
     host, port = linkprobe.parse_server(target)
     group = os.environ.get(linkprobe.ENV_PROBE_GROUP, "").strip() or None
     measured = linkprobe.measure_link(host, port, applied.get("applied") or {}, group=group)
     emit_result({"role": "probe", **measured})
+    try:
+        return shaping.show_link(shaping.run, state_path=shaping.commands.state_path_from(os.environ))
+    except (SocklabError, OSError) as exc:  # the workload matters more than its counters
+        print(f"socklab: could not read the link's counters after the probe: {exc}", file=sys.stderr, flush=True)
+        return None
 
 
 def start_capture():
@@ -289,7 +302,7 @@ def main(argv: list[str]) -> int:
     if result_dir:
         prepare_result_dir(result_dir, os.environ.get("SOCKLAB_RESULT_RESET") == "1")
     responder = start_responder(applied)
-    probe_link(applied)
+    probed = probe_link(applied)
     capture = start_capture()
     try:
         code = supervise(command)
@@ -302,7 +315,7 @@ def main(argv: list[str]) -> int:
         report_killed(role if role != "exec" else os.path.basename(command[0]), code)
     final = stop_delay_line()
     if os.environ.get("SOCKLAB_REPORT_LINK") == "1":
-        report_link(final)
+        report_link(final, probed)
     for path in os.environ.get(ENV_EMIT_FILES, "").split():
         emit_file(path)
     if kept:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +42,21 @@ def project(lab_image, request):
     # Printed output is shown by pytest only when the test fails.
     print(lab.logs())
     lab.down()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lab(*argv: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """``python lab.py ARGV`` from the repository's root, as a user runs it; its output captured."""
+    return subprocess.run([sys.executable, "lab.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def records_of(out: Path) -> tuple[Path, list[dict]]:
+    """The one run directory under ``out`` (a --out of one run) and its records."""
+    (cases,) = out.glob("*/*/cases.jsonl")
+    return cases.parent, [json.loads(line) for line in cases.read_text().splitlines()]
 
 
 def result_of(completed: proc.Completed) -> dict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,19 +23,11 @@ import pytest
 from labkit import cli, proc, scenario
 from labkit.linkcheck import RATE_RATIO_HIGH, RATE_RATIO_LOW
 
+from .conftest import lab, records_of
+
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "examples" / "tutorial"
 pytestmark = pytest.mark.docker
-
-
-def lab(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "lab.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def records_of(out: Path) -> tuple[Path, list[dict]]:
-    (cases,) = out.glob("*/*/cases.jsonl")
-    return cases.parent, [json.loads(line) for line in cases.read_text().splitlines()]
 
 
 def tcp_to_port(path: Path, port: int) -> tuple[int, int, bool, int]:
@@ -134,7 +125,7 @@ def test_lab_capture_of_a_running_compose_up_yields_a_valid_pcap(project, tmp_pa
             time.sleep(0.2)
         out = tmp_path / "live.pcap"
         done = lab("capture", "client-blocking", "--project", project.name, "-w", str(out), "--count", "200",
-                   timeout=120)
+                   timeout_s=120)
         assert done.returncode == 0, done.stdout + done.stderr
         unique, wire, _, packets = tcp_to_port(out, scenario.SERVER_PORT)
         assert packets == 200 and wire > 0, (packets, wire)
@@ -230,13 +221,13 @@ def test_lab_link_verify_measures_a_running_lab(project):
         while json.loads(proc.run(show).stdout)["backend"] == "none":
             assert time.monotonic() < deadline, "the container's link was never applied"
             time.sleep(0.2)
-        done = lab("link", "--project", project.name, "verify", "--json", timeout=120)
+        done = lab("link", "--project", project.name, "verify", "--json", timeout_s=120)
         assert done.returncode == 0, done.stdout + done.stderr
         (verdict,) = json.loads(done.stdout).values()
         assert verdict["ok"] is True, verdict
         assert verdict["rtt_expected_ms"] == 60 and 58 <= verdict["rtt_ms"] <= 70, verdict
         assert verdict["up_expected_bps"] == verdict["down_expected_bps"] == 8e6
-        shown = lab("link", "--project", project.name, "verify", timeout=120)
+        shown = lab("link", "--project", project.name, "verify", timeout_s=120)
         assert "RTT" in shown.stdout and ": ok" in shown.stdout and "tolerance" in shown.stdout
     finally:
         proc.run(["docker", "rm", "-f", name], check=False)

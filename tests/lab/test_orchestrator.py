@@ -19,6 +19,8 @@ from labkit.engine.compose import (BUILD_CONTEXT, SOURCES_DIGEST_LABEL, ComposeE
                                    sources_digest)
 from labkit.engine.swarm import resolve
 
+from .conftest import lab
+
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.docker
 
@@ -27,11 +29,6 @@ CLIENT_KEYS = {"name", "replica", "mode", "workload", "bytes_requested", "bytes_
                "goodput_bps", "connect_s", "latency_ms", "tcp", "trace"}
 RECORD_KEYS = {"schema", "experiment", "case", "params", "repetition", "status", "error", "wall_s",
                "link", "server", "clients", "expectations"}
-
-
-def lab(*args: str, timeout_s: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "lab.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout_s)
 
 
 def only_run_dir(out: Path) -> Path:

@@ -7,28 +7,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from socklab.trace import read_trace
 
+from .conftest import lab, records_of
+
 ROOT = Path(__file__).resolve().parents[2]
 TUTORIAL = ROOT / "examples" / "tutorial"
 PAYLOAD = 136_314_880
 pytestmark = pytest.mark.docker
-
-
-def lab(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "lab.py", *argv], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def records_of(out: Path) -> tuple[Path, list[dict]]:
-    (cases,) = out.glob("*/*/cases.jsonl")
-    return cases.parent, [json.loads(line) for line in cases.read_text().splitlines()]
 
 
 def by_program(records: list[dict]) -> dict[str, dict]:

@@ -56,7 +56,9 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
     # Placed where the experiment says (one node meets both constraints here).
     done = _lab("run", "configs/seed-demo.yaml", "--engine", "swarm", "--repeat", "1", "--out", str(tmp_path),
                 "--set", "server.placement=node.role == manager",
-                "--set", f"clients.sender.placement=node.hostname == {node}")
+                "--set", f"clients.sender.placement=node.hostname == {node}",
+                # The server's packets: a capture comes back from a task as a trace does.
+                "--set", "server.capture=true")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
     (cases,) = tmp_path.glob("*/*/cases.jsonl")
     by_mode = {}
@@ -76,6 +78,10 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
     nonblocking, server = by_mode["nonblocking"]
     assert nonblocking["send_calls"] == 1 and 0 < nonblocking["bytes_accepted"] < TUTORIAL_BYTES
     assert server["bytes_received"] == nonblocking["bytes_accepted"]
+    # What send() accepted reached the server, and the FIN after it, in the server's capture.
+    for sender, server in by_mode.values():
+        tcp = server["capture"]["tcp"]
+        assert tcp["payload_bytes"]["to_server"] == sender["bytes_accepted"] and tcp["fin"]["to_server"], tcp
     # Each case's stack file is kept with its override, and a trace came back from the task.
     run = cases.parent
     stacks = sorted((run / "compose").glob("*.stack.yaml"))
@@ -85,6 +91,7 @@ def test_seed_demo_on_a_single_node_swarm(swarm, tmp_path):
         assert services["server"]["deploy"]["placement"] == {"constraints": ["node.role == manager"]}
         assert services["client-sender"]["deploy"]["placement"] == {"constraints": [f"node.hostname == {node}"]}
     assert len(list((run / "traces").glob("*.trace.gz"))) == 2
+    assert len(list((run / "captures").glob("*.server.pcap"))) == 2
 
     cleaned = _lab("clean", "--engine", "swarm")
     assert cleaned.returncode == 0, cleaned.stderr

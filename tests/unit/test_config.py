@@ -574,3 +574,17 @@ def test_dry_run_prints_every_service_of_a_case_and_where_a_swarm_places_it(caps
     assert "  server: on a swarm, placed by node.role == manager\n" in case
     assert "  server-ready: as compose.yaml defines it\n" in case
     assert "  client-sender: client --mode blocking --host server --port 5000 " in case
+
+
+def test_capture_and_verify_are_set_from_the_command_line_like_any_top_key():
+    experiment = load("name: t\nclients:\n  - name: sender\n    capture: {snaplen: 256, cap: 64MiB}\n",
+                      overrides=["capture=true", "verify=strict"])
+    assert experiment.verify == "strict"
+    assert experiment.capture_of(experiment.server).snaplen_bytes == 128  # the experiment's: the defaults
+    own = experiment.capture_of(experiment.clients[0])
+    assert (own.snaplen_bytes, own.cap_bytes) == (256, 64 << 20)
+    # Rendered back as written: experiment.yaml reruns the same captures.
+    assert experiment.to_dict()["capture"] is True
+    assert experiment.to_dict()["clients"][0]["capture"] == {"snaplen": 256, "cap": "64MiB"}
+    off = load("name: t\ncapture: true\nclients:\n  - name: sender\n    capture: false\n")
+    assert off.capture_of(off.clients[0]) is None and off.capture_of(off.server) is not None

@@ -1026,3 +1026,26 @@ def test_userspace_backend_delays_changes_and_goes_away(pair, tmp_path):
 def test_the_tcp_ceiling_is_full_segments_payload_per_frame_at_the_devices_mtu(mtu, payload, frame):
     assert tcp_ceiling_bps(10e6, mtu) == pytest.approx(10e6 * payload / frame)
     assert tcp_ceiling_bps(10e6) == pytest.approx(10e6 * 1448 / 1514)
+
+
+def test_counts_since_leaves_only_what_passed_after_the_earlier_look():
+    from socklab.shaping import counts_since
+
+    def tbf(bytes_, packets, drops, backlog):
+        return {"kind": "tbf", "handle": "1:", "parent": "root", "options": {}, "bytes": bytes_,
+                "packets": packets, "drops": drops, "overlimits": drops * 2, "backlog": backlog, "qlen": 1}
+
+    before = {"qdisc": {"eth0": [tbf(1_000, 10, 2, 500)], "ifb0": []},
+              "delay_line": {"running": True, "cpu_s": 0.1, "up": {"packets": 10, "bytes": 1_000, "lost": 1,
+                                                                    "held": 3, "delay_ms": 20}}}
+    now = {"backend": "userspace", "qdisc": {"eth0": [tbf(5_000, 40, 3, 0)],
+                                             "ifb0": [{**tbf(700, 7, 0, 0), "kind": "netem"}]},
+           "delay_line": {"running": False, "cpu_s": 0.5, "up": {"packets": 50, "bytes": 9_000, "lost": 4,
+                                                                  "held": 0, "delay_ms": 20}}}
+    since = counts_since(now, before)
+    (eth0,) = since["qdisc"]["eth0"]
+    assert (eth0["bytes"], eth0["packets"], eth0["drops"], eth0["overlimits"]) == (4_000, 30, 1, 2)
+    assert eth0["backlog"] == 0 and eth0["qlen"] == 1  # levels, not counts
+    assert since["qdisc"]["ifb0"][0]["bytes"] == 700  # not there before: all of it is since
+    assert since["delay_line"]["up"] == {"packets": 40, "bytes": 8_000, "lost": 3, "held": 0, "delay_ms": 20}
+    assert since["delay_line"]["cpu_s"] == 0.5 and since["backend"] == "userspace"

@@ -123,6 +123,21 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
                     (name, backend, record["expectations"])
 
 
+def test_every_case_measured_its_links_within_tolerance_on_both_backends(runs):
+    for name, by_backend in runs.items():
+        for backend, run in by_backend.items():
+            for record in records(run):
+                measured = record["link"].get("measured")
+                assert measured, (name, backend, record["case"], "no link was measured")
+                assert record["link_ok"] is True, (name, backend, record["case"], measured)
+    # The seed demo's sender: 20 ms each way on its own link, 10 Mbit/s both ways.
+    for backend in BACKENDS:
+        verdict = case(runs["seed-demo"][backend], **{"sender.mode": "blocking"})["link"]["measured"]["sender"]
+        print(f"seed-demo on {backend}: RTT {verdict['rtt_ms']} ms of 40, up {verdict['up_ratio']}, "
+              f"down {verdict['down_ratio']}, probe {verdict['probe_s']} s")
+        assert verdict["rtt_expected_ms"] == 40 and verdict["up_expected_bps"] == 10e6
+
+
 def test_goodput_through_rate_and_delay_agrees(runs):
     netem, userspace = (client(case(runs["seed-demo"][b], **{"sender.mode": "blocking"}), "sender")
                         for b in BACKENDS)

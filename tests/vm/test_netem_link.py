@@ -227,3 +227,34 @@ def test_a_schedule_step_changes_a_netem_link_during_a_case_and_auto_picks_netem
     assert json.loads(lab_vm.get(f"{run}/meta.json"))["shaping_backend"] == "netem"
     assert record["link"]["backend"] == "netem" and record["link"]["delay_line"]["pinger"] is None
     assert record["expectations"][0]["passed"], record["expectations"]
+
+
+def _probe(echo_lab: GuestProject, dev: str, link: list[str]) -> dict:
+    """Shape ``link`` on netem on the client container's ``dev`` and probe its path to the server
+    as every case does (socklab.linkprobe): the probe's result, judged by labkit.linkcheck."""
+    from labkit import linkcheck
+    from socklab.results import find_results
+
+    apply = ["python3", "-m", "socklab", "shape", "apply", "--dev", dev, "backend=netem", *link]
+    probe = ["python3", "-m", "socklab", "probe", "--server", "server:5000"]
+    script = f"{' '.join(apply)} >&2 && {' '.join(probe)}"
+    done = echo_lab.vm.exec(["docker", "exec", echo_lab.client_container, "sh", "-c", script], timeout_s=300).check()
+    (found,) = [r for r in find_results(done.stdout) if r.get("role") == "probe"]
+    verdict = linkcheck.judge(found)
+    print(f"{dev} {' '.join(link)}: {linkcheck.verdict_text(verdict)} (probe {found['probe_s']:.2f} s)")
+    return verdict
+
+
+def test_the_link_probe_proves_a_netem_link_and_catches_one_on_a_device_its_traffic_does_not_use(echo_lab):
+    link = ["delay=20ms", "rate=5mbit"]
+    try:
+        proven = _probe(echo_lab, "eth0", link)
+        # The right qdiscs on the wrong device: loopback carries only the container's DNS.
+        broken = _probe(echo_lab, "lo", link)
+    finally:
+        echo_lab.shape("apply", "--dev", "lo")
+        echo_lab.shape("apply", "--dev", "eth0")
+    assert proven["ok"] is True, proven
+    assert proven["rtt_expected_ms"] == 40 and proven["up_expected_bps"] == proven["down_expected_bps"] == 5e6
+    assert broken["ok"] is False, broken
+    assert broken["rtt_ms"] < 20 and broken["up_ratio"] > 1.3, broken

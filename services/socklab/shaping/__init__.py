@@ -28,13 +28,13 @@ from .model import (
 )
 from .plan import build_teardown
 from .runner import Runner, ShapingError, run
-from .show import qdisc_stats
+from .show import counts_since, qdisc_stats
 
 __all__ = [
     "Backend", "Capabilities", "LinkChanges", "LinkShape", "LinkSpec", "LinkValueError", "NetemBackend", "Runner",
     "UserspaceBackend", "ShapingError", "apply_from_env", "apply_spec", "assignments_from_changes",
     "backend_from_env", "build_plan", "build_teardown", "changes_from_assignments", "changes_from_env",
     "changes_from_mapping", "choose_backend", "env_from_changes", "get_backend", "link_spec_from_env",
-    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "remove_link", "run",
+    "link_spec_from_mapping", "main", "probe_capabilities", "qdisc_stats", "counts_since", "remove_link", "run",
     "seed_from_env", "set_link", "show_link", "stop_delay_line", "teardown",
 ]

@@ -4,13 +4,42 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Mapping
 
 from .runner import Runner, ShapingError
 
 # Keys every qdisc entry has, whatever tc printed; counters are cumulative since
 # the qdisc was added. backlog is in bytes and qlen in packets, as tc names them.
 COUNTERS = ("bytes", "packets", "drops", "overlimits", "backlog", "qlen")
+# The counters that count; backlog and qlen (and a delay line's held) are levels.
+QDISC_COUNTS = ("bytes", "packets", "drops", "overlimits")
+DELAY_LINE_COUNTS = ("packets", "bytes", "delayed", "lost", "overflow", "send_errors")
+
+
+def counts_since(now: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
+    """A link as ``show_link`` shows it (``now``) with every count less what it was at ``before``
+    (an earlier ``show_link`` of the same link): the counts of what passed in between.
+
+    The entrypoint takes ``before`` once the link probe has measured the link, so that a
+    case's counters are its workload's alone. A qdisc matches by device, kind, handle and
+    parent; one that was not there before keeps its counts.
+    """
+    def key(qdisc: Mapping[str, Any]) -> tuple:
+        return qdisc.get("kind"), qdisc.get("handle"), qdisc.get("parent")
+
+    qdiscs = {}
+    for dev, found in (now.get("qdisc") or {}).items():
+        earlier = {key(q): q for q in (before.get("qdisc") or {}).get(dev) or ()}
+        qdiscs[dev] = [{**q, **{name: q[name] - earlier[key(q)].get(name, 0) for name in QDISC_COUNTS if name in q}}
+                       if key(q) in earlier else dict(q) for q in found]
+    since = {**now, "qdisc": qdiscs}
+    line, earlier_line = now.get("delay_line"), before.get("delay_line")
+    if isinstance(line, Mapping) and isinstance(earlier_line, Mapping):
+        since["delay_line"] = {
+            name: ({**part, **{c: part[c] - earlier_line[name].get(c, 0) for c in DELAY_LINE_COUNTS if c in part}}
+                   if isinstance(part, Mapping) and isinstance(earlier_line.get(name), Mapping) else part)
+            for name, part in line.items()}
+    return since
 
 
 def qdisc_stats(runner: Runner, dev: str) -> list[dict[str, Any]]:
