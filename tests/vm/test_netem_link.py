@@ -241,20 +241,21 @@ def _probe(echo_lab: GuestProject, dev: str, link: list[str]) -> dict:
     done = echo_lab.vm.exec(["docker", "exec", echo_lab.client_container, "sh", "-c", script], timeout_s=300).check()
     (found,) = [r for r in find_results(done.stdout) if r.get("role") == "probe"]
     verdict = linkcheck.judge(found)
-    print(f"{dev} {' '.join(link)}: {linkcheck.verdict_text(verdict)} (probe {found['probe_s']:.2f} s)")
+    print(f"{dev} {' '.join(link)}: {linkcheck.verdict_text(verdict)}")
     return verdict
 
 
 def test_the_link_probe_proves_a_netem_link_and_catches_one_on_a_device_its_traffic_does_not_use(echo_lab):
-    link = ["delay=20ms", "rate=5mbit"]
     try:
-        proven = _probe(echo_lab, "eth0", link)
-        # The right qdiscs on the wrong device: loopback carries only the container's DNS.
-        broken = _probe(echo_lab, "lo", link)
+        proven = _probe(echo_lab, "eth0", ["delay=20ms", "rate=5mbit"])
+        # The right qdisc on the wrong device: loopback carries only the container's DNS. (A delay
+        # there too kept the probe's hello from being answered within its 3 s in this VM: the case
+        # would be marked unverified, not off.)
+        broken = _probe(echo_lab, "lo", ["rate=5mbit"])
     finally:
         echo_lab.shape("apply", "--dev", "lo")
         echo_lab.shape("apply", "--dev", "eth0")
     assert proven["ok"] is True, proven
     assert proven["rtt_expected_ms"] == 40 and proven["up_expected_bps"] == proven["down_expected_bps"] == 5e6
     assert broken["ok"] is False, broken
-    assert broken["rtt_ms"] < 20 and broken["up_ratio"] > 1.3, broken
+    assert broken["up_expected_bps"] == 5e6 and broken["up_ratio"] > 1.3, broken
