@@ -9,11 +9,12 @@ say the same thing about the same link. Pure functions: no Docker, no sockets.
 
 Tolerances, and why:
 
-- round trip: within 10 % of the configured delays, or 3 ms, whichever is
-  larger, plus the configured jitter. The floor is what an unshaped path
-  between two containers costs (a veth and a bridge: tenths of a ms; a
-  userspace delay line or an emulated VM: a few ms more), so a link asked to
-  add nothing is never off for being real.
+- round trip: within 10 % of the configured delays, or 5 ms, whichever is
+  larger, plus the configured jitter. The floor is what a path costs beyond
+  its configured delays: a veth and a bridge, tenths of a ms; an emulated CPU
+  (the VM tier), 1.3-3.4 ms measured on netem, as a process that waited wakes
+  late. A link asked to add nothing is never off for being real; one whose
+  delay did nothing is off from 5 ms up.
 - rate: measured between 0.85 and 1.10 of the configured rate, in frame bytes
   as tbf counts them. Below is a bottleneck that passes less than asked (a
   queue that drops early, a delay line that cannot keep up); above is one that
@@ -27,7 +28,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 RTT_TOLERANCE_FRACTION = 0.10
-RTT_TOLERANCE_MS = 3.0
+RTT_TOLERANCE_MS = 5.0
 RATE_RATIO_LOW = 0.85
 RATE_RATIO_HIGH = 1.10
 TOLERANCE_TEXT = (f"round trip within {RTT_TOLERANCE_FRACTION:.0%} or {RTT_TOLERANCE_MS:g} ms of the configured "

@@ -25,8 +25,10 @@ CASES = [
     (probe(rtt_ms=100.4), True),
     (probe(rtt_ms=109.9), True),  # 10 % of 100 ms
     (probe(rtt_ms=110.2), False),
-    (probe(rtt_ms=2.9, expected_rtt_ms=0.0), True),  # the 3 ms floor of an unshaped path
-    (probe(rtt_ms=3.2, expected_rtt_ms=0.0), False),
+    (probe(rtt_ms=4.9, expected_rtt_ms=0.0), True),  # the 5 ms floor of an unshaped path
+    (probe(rtt_ms=5.2, expected_rtt_ms=0.0), False),
+    (probe(rtt_ms=44.9, expected_rtt_ms=40.0), True),  # 5 ms is more than 10 % of 40
+    (probe(rtt_ms=45.1, expected_rtt_ms=40.0), False),
     (probe(rtt_ms=0.2, expected_rtt_ms=100.0), False),  # a delay that did nothing
     (probe(rtt_ms=118.0, jitter_ms=10.0), True),  # jitter widens the band
     (probe(rtt_ms=40.0, expected_rtt_ms=40.0, up=8.6e6, up_expected=10e6), True),
