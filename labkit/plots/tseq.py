@@ -166,7 +166,7 @@ def caption(panels: Sequence[SequencePanel], runs: Sequence[LoadedRun]) -> str:
     """What to look for in a time–sequence graph."""
     return ("From each bulk case's (or streaming program's) first repetition that captured packets: the "
             "client's largest connection to the server, as captured on its eth0 and drawn as tcptrace "
-            "draws it, each data segment at the sequence offset it ends at. The slope is the goodput; a flat step is time the sender sent "
-            "nothing new (its program blocked, or the window was full and it waited for ACKs); red × are "
+            "draws it, each data segment at the sequence offset it ends at. The slope is the goodput; a flat "
+            "step is time the sender sent nothing new (its program blocked, or the window was full and it waited for ACKs); red × are "
             "retransmissions; the grey step line is what the server had acknowledged, and the height between "
             "it and the data is the bytes in flight." + kit.panels_note(len(panels)))

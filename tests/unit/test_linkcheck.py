@@ -51,7 +51,8 @@ def test_a_verdict_carries_measured_beside_expected_with_ratios():
     assert verdict["rtt_ms"] == 101.0 and verdict["rtt_expected_ms"] == 100.0 and verdict["rtt_ratio"] == 1.01
     assert verdict["up_ratio"] == 0.95 and verdict["down_ratio"] is None
     assert verdict["probe_s"] == 0.5
-    assert linkcheck.verdict_text(verdict) == "RTT 101 ms of 100 ms configured (1.01), up 9.5 of 10 Mbit/s (0.95) (probe 0.50 s): ok"
+    assert linkcheck.verdict_text(verdict) == ("RTT 101 ms of 100 ms configured (1.01), up 9.5 of 10 Mbit/s (0.95) "
+                                               "(probe 0.50 s): ok")
 
 
 def test_an_off_link_says_what_is_off_in_one_line():

@@ -325,8 +325,8 @@ def test_report_draws_the_time_sequence_graph_and_says_what_the_captures_and_pro
             "data from") in text
     assert "FIN seen to the server only; 1,024 packets (1.4 MB) cut at the 32 MiB cap\n" in text
     assert text.count("cut at the") == 1, "only the capture that was cut says so"
-    assert "- `sender.mode=blocking` r0: link measured (sender): RTT 0.412 ms, up 19.6 of 20 Mbit/s (0.98) (probe 0.80 s): ok\n" \
-        in text
+    assert ("- `sender.mode=blocking` r0: link measured (sender): RTT 0.412 ms, up 19.6 of 20 Mbit/s (0.98) "
+            "(probe 0.80 s): ok\n") in text
     assert "- `sender.mode=blocking`: the link was off in r1 as well\n" in text
     assert text.count("link measured (sender)") == 3 and text.count(": capture (") == 3
 
