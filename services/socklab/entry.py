@@ -23,6 +23,13 @@ with the shaping, before the workload) and prints a ``link`` result line with
 the qdisc and delay-line counters — the interfaces vanish with the container,
 so afterwards nobody could read them.
 
+Around the workload, as root, and only when the orchestrator asks (see the
+functions below): the server answers the link probe on UDP (SOCKLAB_PROBE_RESPOND);
+a client first measures its path to the server (SOCKLAB_PROBE) and prints a
+``probe`` line, and the link's counters are then counted from there; tcpdump
+captures eth0 from before the workload's first packet until its connections
+have closed (SOCKLAB_CAPTURE), and a ``capture`` line says what was kept.
+
 A container the orchestrator keeps between cases runs ``hold`` and gets each
 case's role by ``docker exec ... entry ROLE`` with SOCKLAB_KEEP_CONTAINER=1:
 then the kernel's TCP metrics cache (ssthresh and RTT remembered per peer,
