@@ -15,10 +15,16 @@ Tolerances, and why:
   (the VM tier), 1.3-3.4 ms measured on netem, as a process that waited wakes
   late. A link asked to add nothing is never off for being real; one whose
   delay did nothing is off from 5 ms up.
-- rate: measured between 0.85 and 1.10 of the configured rate, in frame bytes
+- rate: measured between 0.85 and 1.20 of the configured rate, in frame bytes
   as tbf counts them. Below is a bottleneck that passes less than asked (a
   queue that drops early, a delay line that cannot keep up); above is one that
-  does not limit at all.
+  does not limit at all, through which the probe's train passes at the 1.5 it
+  was sent at. The room above 1.0 is for a receiver that wakes late on an
+  emulated CPU: it reads the train's first packets in a bunch, which shortens
+  the span they are timed over (netem's 50 Mbit/s read as 1.17 of it once, in
+  the VM tier, from a 0.15 s train). The packets' kernel stamps would not do:
+  they are taken as a packet reaches the device, before the ingress shaping
+  (ifb, the delay line) that the probe is there to measure.
 
 Loss is not judged: a probe of tens of packets cannot tell 1 % from 2 %.
 """
@@ -30,7 +36,7 @@ from typing import Any, Mapping
 RTT_TOLERANCE_FRACTION = 0.10
 RTT_TOLERANCE_MS = 5.0
 RATE_RATIO_LOW = 0.85
-RATE_RATIO_HIGH = 1.10
+RATE_RATIO_HIGH = 1.20
 TOLERANCE_TEXT = (f"round trip within {RTT_TOLERANCE_FRACTION:.0%} or {RTT_TOLERANCE_MS:g} ms of the configured "
                   f"delays plus their jitter; rate between {RATE_RATIO_LOW:g} and {RATE_RATIO_HIGH:g} of the "
                   "configured rate")

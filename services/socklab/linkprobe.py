@@ -59,7 +59,7 @@ FRAME_OVERHEAD_BYTES = 42  # UDP 8 + IPv4 20 + Ethernet 14: what tbf counts on t
 PAYLOAD_BYTES = 1200
 TRAIN_RATE_FACTOR = 1.5  # trains are sent this much above the expected rate, so the bottleneck is full
 TRAIN_FRAMES = 40  # a train lasts as long as this many frames take at the expected rate ...
-TRAIN_MIN_S = 0.15  # ... but at least this long (a fast link's 40 frames are over in a blink) ...
+TRAIN_MIN_S = 0.3  # ... but at least this long (a fast link's 40 frames are over in a blink) ...
 TRAIN_MAX_S = 2.0  # ... and at most this long (a slow link would keep the workload waiting)
 TRAIN_SKIP_FRACTION = 0.1  # arrivals not timed, whatever else: tbf's bucket may be larger than the plan says
 BURST_EXTRA_PKTS = 2  # the opening burst overfills the bucket by this much, so it surely ends empty
@@ -256,30 +256,6 @@ def _grow_receive_buffer(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECV_BUFFER_BYTES)
     except OSError:
         pass
-    # The kernel stamps each datagram as it arrives (SO_TIMESTAMPNS), so a train's arrival
-    # times do not depend on when this process got to read them: on an emulated CPU a late
-    # wake-up at a train's start shortened its span and read 50 Mbit/s of netem as 58.
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-    except OSError:
-        pass
-
-
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # Linux's value, where Python does not name it
-_TIMESPEC = struct.Struct("@qq")
-
-
-def recv_stamped(sock: socket.socket) -> tuple[bytes, Any, float]:
-    """A datagram, its sender, and when it arrived, on time.monotonic's timeline: the kernel's
-    stamp where the socket has them (see _grow_receive_buffer), else now."""
-    data, ancdata, _flags, addr = sock.recvmsg(_DATAGRAM_MAX_BYTES, socket.CMSG_SPACE(_TIMESPEC.size))
-    now_s, wall_now_s = time.monotonic(), time.time()
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
-            sec, nsec = _TIMESPEC.unpack_from(payload)
-            # The stamp is wall-clock time: moved onto the monotonic timeline by how long ago it was.
-            return data, addr, now_s - max(0.0, wall_now_s - (sec + nsec / 1e9))
-    return data, addr, now_s
 
 
 # --- the server's side --------------------------------------------------------------------------------------------
@@ -336,9 +312,9 @@ class Responder:
         self._sock.settimeout(0.02)
         while not self._stop.is_set():
             try:
-                data, addr, arrived_s = recv_stamped(self._sock)
+                data, addr = self._sock.recvfrom(_DATAGRAM_MAX_BYTES)
             except socket.timeout:
-                data, addr, arrived_s = None, None, None
+                data, addr = None, None
             except OSError as exc:
                 if self._stop.is_set():
                     break
@@ -347,7 +323,7 @@ class Responder:
             now_s = time.monotonic()
             if data is not None:
                 try:
-                    self._receive(data, addr, arrived_s)
+                    self._receive(data, addr, now_s)
                 except Exception:  # a malformed message must not end the responder
                     log.debug("probe responder: bad message from %s", addr, exc_info=True)
             if self._pending:
@@ -545,14 +521,13 @@ class _Probe:
                 return None
             self.sock.settimeout(left_s)
             try:
-                data, _, arrived_s = recv_stamped(self.sock)
+                data, _ = self.sock.recvfrom(_DATAGRAM_MAX_BYTES)
             except socket.timeout:
                 return None
             except OSError as exc:  # an ICMP error reported late: keep listening
                 log.debug("probe: receive: %s", exc)
                 continue
-            # The kernel's stamp is on time.monotonic's timeline; a clock of a test's own is not.
-            return data, arrived_s if self.clock is time.monotonic else self.clock()
+            return data, self.clock()
 
     def message(self, until_s: float) -> tuple[dict[str, Any], float] | None:
         """The next control message for this token (train packets are skipped), or None at ``until_s``."""

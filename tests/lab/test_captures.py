@@ -221,7 +221,14 @@ def test_lab_link_verify_measures_a_running_lab(project):
         while json.loads(proc.run(show).stdout)["backend"] == "none":
             assert time.monotonic() < deadline, "the container's link was never applied"
             time.sleep(0.2)
-        done = lab("link", "--project", project.name, "verify", "--json", timeout_s=120)
+        # Measured again once if off: a freshly started delay line's down direction was seen to
+        # add nothing to one probe's pings in ~6 runs (30.4 ms of 60), and to be right at once
+        # after. A link that is wrong is off every time. Both attempts are printed.
+        for attempt in range(2):
+            done = lab("link", "--project", project.name, "verify", "--json", timeout_s=120)
+            print(f"attempt {attempt + 1}: {done.stdout}{done.stderr}")
+            if done.returncode == 0:
+                break
         assert done.returncode == 0, done.stdout + done.stderr
         (verdict,) = json.loads(done.stdout).values()
         assert verdict["ok"] is True, verdict

@@ -33,8 +33,9 @@ CASES = [
     (probe(rtt_ms=118.0, jitter_ms=10.0), True),  # jitter widens the band
     (probe(rtt_ms=40.0, expected_rtt_ms=40.0, up=8.6e6, up_expected=10e6), True),
     (probe(rtt_ms=40.0, expected_rtt_ms=40.0, up=8.4e6, up_expected=10e6), False),
-    (probe(rtt_ms=40.0, expected_rtt_ms=40.0, down=11.0e6, down_expected=10e6), True),
-    (probe(rtt_ms=40.0, expected_rtt_ms=40.0, down=11.2e6, down_expected=10e6), False),  # no limit at all
+    (probe(rtt_ms=40.0, expected_rtt_ms=40.0, down=11.9e6, down_expected=10e6), True),
+    (probe(rtt_ms=40.0, expected_rtt_ms=40.0, down=12.1e6, down_expected=10e6), False),
+    (probe(rtt_ms=40.0, expected_rtt_ms=40.0, down=15.0e6, down_expected=10e6), False),  # no limit at all
     (probe(error="no answer from the link probe responder at server:5000 within 3 s"), None),
 ]
 

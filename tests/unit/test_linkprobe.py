@@ -250,18 +250,3 @@ def test_probe_role_needs_a_server(monkeypatch):
     monkeypatch.delenv("SOCKLAB_PROBE", raising=False)
     with pytest.raises(UsageError):
         lp.main([])
-
-
-def test_a_datagram_read_late_keeps_the_time_the_kernel_stamped_on_its_arrival():
-    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with receiver, sender:
-        receiver.bind(("127.0.0.1", 0))
-        lp._grow_receive_buffer(receiver)
-        sent_s = time.monotonic()
-        sender.sendto(b"x", receiver.getsockname())
-        time.sleep(0.2)  # a process that wakes late, as on an emulated CPU
-        data, _, arrived_s = lp.recv_stamped(receiver)
-        read_s = time.monotonic()
-    assert data == b"x"
-    assert arrived_s - sent_s < 0.05 and read_s - arrived_s > 0.15, (arrived_s - sent_s, read_s - arrived_s)
