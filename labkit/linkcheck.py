@@ -71,13 +71,13 @@ def judge(probe: Mapping[str, Any]) -> dict[str, Any]:
         "rtt_ratio": _ratio(measured_rtt, expected_rtt),
         "pings": {"sent": rtt.get("sent"), "received": rtt.get("received")} if rtt else None,
     }
-    problems: list[str] = []
+    off: list[str] = []  # what is outside its tolerance
     judged = False
     if measured_rtt is not None:
         judged = True
         allowed_ms = max(RTT_TOLERANCE_FRACTION * expected_rtt, RTT_TOLERANCE_MS) + jitter_ms
         if abs(measured_rtt - expected_rtt) > allowed_ms:
-            problems.append(f"round trip {measured_rtt:.3g} ms where {expected_rtt:g} ms was configured "
+            off.append(f"round trip {measured_rtt:.3g} ms where {expected_rtt:g} ms was configured "
                             f"(allowed ± {allowed_ms:.3g} ms)")
     for direction in ("up", "down"):
         want = expected.get(f"{direction}_rate_bps")
@@ -88,16 +88,13 @@ def judge(probe: Mapping[str, Any]) -> dict[str, Any]:
         if ratio is not None:
             judged = True
             if not RATE_RATIO_LOW <= ratio <= RATE_RATIO_HIGH:
-                problems.append(f"{direction} rate {_mbit(got)} where {_mbit(want)} was configured "
+                off.append(f"{direction} rate {_mbit(got)} where {_mbit(want)} was configured "
                                 f"({ratio:g} of it)")
     verdict["rate_by"] = probe.get("rate_by")
     verdict["probe_s"] = probe.get("probe_s")
-    if probe.get("error"):
-        problems.append(probe["error"])
-    verdict["ok"] = (not [p for p in problems if p != probe.get("error")]) if judged else None
-    if not judged and not problems:
-        problems.append("the probe measured nothing")
-    verdict["problems"] = problems
+    verdict["ok"] = not off if judged else None
+    problems = off + ([probe["error"]] if probe.get("error") else [])
+    verdict["problems"] = problems or ([] if judged else ["the probe measured nothing"])
     return verdict
 
 

@@ -83,16 +83,6 @@ def _config_of(case: Case, role: RoleHandle) -> ServerConfig | ClientGroup | Non
     return next((g for g in case.experiment.clients if g.name == group), None)
 
 
-def _program_of(case: Case, role: RoleHandle) -> Program | None:
-    """The program of the user's that ``role`` runs in ``case``, or None for a built-in role."""
-    config = _config_of(case, role)
-    return config.program if config is not None else None
-
-
-def _captured(case: Case, role: RoleHandle) -> bool:
-    """Whether ``role``'s container captures its packets in ``case``."""
-    config = _config_of(case, role)
-    return config is not None and case.experiment.capture_of(config) is not None
 
 
 class CaseRunner:
@@ -285,15 +275,15 @@ class CaseRunner:
         server_result = None
         clients = []
 
-        def fetch(role: RoleHandle) -> tuple[RoleOutcome, Program | None, bytes | None, dict[str, bytes]]:
-            program = _program_of(case, role)
+        def fetch(role: RoleHandle) -> tuple[RoleOutcome, Program | None, bytes | None, bytes | None,
+                                             dict[str, bytes]]:
+            config = _config_of(case, role)
+            program = config.program if config is not None else None
             trace = lab.read_file(role.container, scenario.TRACE_PATH) \
                 if self.trace and (program is not None or not _is_server(role)) else None
+            captured = config is not None and case.experiment.capture_of(config) is not None
+            capture = lab.read_file(role.container, scenario.CAPTURE_PATH) if captured else None
             outputs = {}
-            if _captured(case, role):
-                capture = lab.read_file(role.container, scenario.CAPTURE_PATH)
-                if capture is not None:
-                    outputs["capture"] = capture
             if program is not None:
                 for stream in scenario.PROGRAM_OUTPUTS:
                     data = lab.read_file(role.container, f"{scenario.PROGRAM_OUTPUT_DIR}/{stream}")
@@ -310,15 +300,15 @@ class CaseRunner:
                                 results=tuple(find_results(role.stdout())), gone=gone)
             if needs_last_words(ended):  # only then is stderr worth another round trip
                 ended = replace(ended, last_words=last_words(role.output()))
-            return ended, program, trace, outputs
+            return ended, program, trace, capture, outputs
 
         # One engine round trip per container and file: fetched side by side, so
         # that collecting fifty containers does not take fifty times as long.
         with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
             fetched = list(pool.map(fetch, roles))
-        outcomes = [ended for ended, _, _, _ in fetched]
+        outcomes = [ended for ended, *_ in fetched]
         measured = {}  # each probing client container's link, judged (see labkit.linkcheck)
-        for role, (ended, program, trace, outputs) in zip(roles, fetched):
+        for role, (ended, program, trace, capture_data, outputs) in zip(roles, fetched):
             container = role.container
             by_role = {r.get("role"): r for r in ended.results}
             group = _group_of(container)
@@ -340,7 +330,7 @@ class CaseRunner:
             if "probe" in by_role:
                 measured[key] = linkcheck.judge(by_role["probe"])
             trace_file = self.rundir.write_trace(case.id, repetition, key, trace) if trace else None
-            capture = self._capture(case, repetition, key, by_role.get("capture"), outputs.pop("capture", None))
+            capture = self._capture(case, repetition, key, by_role.get("capture"), capture_data)
             result = by_role.get("server" if is_server else "client")
             if program is not None and result is not None:
                 kept = {stream: self.rundir.write_output(case.id, repetition, key, stream, data)
