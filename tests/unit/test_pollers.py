@@ -243,3 +243,17 @@ def test_poll_and_epoll_watch_descriptors_past_fd_setsize(name, pair):
     finally:
         poller.close()
         os.close(high)
+
+
+def test_poll_masks_are_the_kernels_own_and_events_of_translates_them(poller, pair):
+    a, b = pair
+    poller.register(a.fileno(), EVENT_READ)
+    b.send(b"x")
+    # Readable and nothing else is read_mask, whatever the backend.
+    assert poller.poll_masks(1.0) == [(a.fileno(), poller.read_mask)]
+    poller.modify(a.fileno(), EVENT_READ | EVENT_WRITE)
+    merged = 0
+    for fd, mask in poller.poll_masks(1.0):
+        assert fd == a.fileno()
+        merged |= poller.events_of[mask]
+    assert merged == EVENT_READ | EVENT_WRITE

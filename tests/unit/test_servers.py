@@ -18,6 +18,7 @@ import pytest
 
 from socklab.protocol import encode_trailer
 from socklab.results import find_results
+from socklab.servers import Connections
 
 SERVICES = Path(__file__).resolve().parents[2] / "services"
 LOOPBACK = "127.0.0.1"
@@ -368,3 +369,25 @@ def test_the_select_server_stops_accepting_below_fd_setsize(start, mode, held):
             sock.close()
     server.signal(signal.SIGTERM)
     assert server.result()["max_concurrent"] == held
+
+
+def test_connections_keep_every_record_without_an_object_per_connection():
+    conns = Connections(echo=True)
+    first = conns.open(("10.0.0.1", 40000), 0.5)
+    second = conns.open(("::1", 65535, 0, 0), 0.75)
+    third = conns.open(("10.0.0.1", 1), 0.875)
+    view = memoryview(b"hello")
+    assert conns.on_data(first, view) is view
+    conns.on_sent(first, 5)
+    assert conns.on_eof(first) == encode_trailer(5)
+    conns.close(first, 1.25, "eof")
+    conns.close(third, 2.0, "idle")
+    assert conns.open_ones() == [second]
+    assert conns.record(first) == {"peer": "10.0.0.1:40000", "bytes_received": 5, "bytes_sent": 5,
+                                   "start_s": 0.5, "end_s": 1.25, "closed_by": "eof"}
+    assert conns.record(second) == {"peer": "[::1]:65535", "bytes_received": 0, "bytes_sent": 0,
+                                    "start_s": 0.75, "end_s": None, "closed_by": None}
+    assert conns.record(third)["peer"] == "10.0.0.1:1" and conns.closed_by(third) == "idle"
+    assert conns.bytes_received() == conns.bytes_sent() == 5
+    counting = Connections(echo=False)
+    assert counting.on_data(counting.open(("10.0.0.2", 9), 0.0), view) == b""

@@ -10,7 +10,7 @@ can be compared fairly:
 * lifecycle.py — ``Server`` owns everything the modes share (bind and listen,
   signals, the stop condition, statistics, the result) and defines
   ``Strategy``, the one thing a mode provides: *how the server waits*;
-* connection.py — ``Connection`` owns what is done with a connection's bytes;
+* connection.py — ``Connections`` owns what is done with each connection's bytes;
 * blocking.py (blocking, threaded), reactor.py (select, poll, epoll: one loop
   over pollers.py), asyncio_protocols.py (asyncio) — the strategies, with
   accepting.py for what the socket-level ones share; strategies.py names them;
@@ -18,12 +18,12 @@ can be compared fairly:
 """
 
 from .cli import build_parser, main, parse_args
-from .connection import WORKLOADS, Connection
+from .connection import WORKLOADS, Connections
 from .lifecycle import Server, ServerConfig, Strategy
 from .reactor import SELECT_MAX_CONNECTIONS
 from .strategies import MODES, STRATEGIES
 
 __all__ = [
-    "MODES", "SELECT_MAX_CONNECTIONS", "STRATEGIES", "WORKLOADS", "Connection", "Server",
+    "MODES", "SELECT_MAX_CONNECTIONS", "STRATEGIES", "WORKLOADS", "Connections", "Server",
     "ServerConfig", "Strategy", "build_parser", "main", "parse_args",
 ]

@@ -1,4 +1,4 @@
-"""What the strategies that make socket calls share: accept errors and accepted-socket setup."""
+"""What the strategies share about accepting: accept errors, the accept batch, accepted-socket setup."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from .lifecycle import ServerConfig
 # Out of descriptors or threads in a blocking accept loop: nothing to wait on
 # but time.
 EXHAUSTED_RETRY_S = 0.05
+# Connections a loop-based mode accepts per readiness of the listener before
+# it serves the others again. It also bounds what a burst of connects costs
+# at once: asyncio, for one, makes a task per connection accepted in a batch.
+ACCEPTS_PER_WAKEUP = 64
 
 # Errors accept() reports for one failed connection, not for the listener
 # (accept(2), "Error handling"): take the next connection.

@@ -1,32 +1,39 @@
-"""The asyncio mode: asyncio's event loop with a BufferedProtocol per connection.
+"""The asyncio mode: asyncio's event loop with a Protocol per connection.
 
-Protocols, not streams, and the BufferedProtocol flavour: its transport
-recv_into()s straight into the buffer get_buffer() returns, so every receive
-asks for exactly --recv-size bytes, as in the other modes, with no copy and
-no coroutine switch per chunk. Streams (and plain Protocol) cannot honour
---recv-size: the transport always reads up to 256 KiB and StreamReader
-re-slices that. Measured on loopback, 136 MB bulk, one connection (server CPU
-includes ~0.1 s of interpreter start-up):
-  recv 64 KiB: BufferedProtocol 0.04 s wall, 0.19 s CPU; streams 0.25 s, 0.37 s.
-  recv 1 KiB:  BufferedProtocol 1.07 s, 1.22 s; streams 0.38 s, 0.50 s, but
-  only because streams made 256 KiB receives instead of the 1 KiB asked for.
-asyncio runs one loop iteration per receive; that cost is what this mode shows.
+A plain Protocol, as anyone would write an asyncio echo server: the
+transport recv()s a chunk and hands it to data_received(), which writes the
+same bytes object straight back to the transport (no copy, no coroutine
+switch per chunk). --recv-size is honoured by setting the transport's
+``max_size``, what it asks each recv() for (256 KiB otherwise).
+
+Per connection the protocol is a small object with __slots__; there is no
+timer per connection: one periodic sweep finds the idle ones (see
+lifecycle.IDLE_SWEEPS), so that an idle connection costs little more than
+asyncio's own transport. asyncio runs one loop iteration per receive; that
+cost is what this mode shows.
 """
 
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
-from .connection import ECHO_HIGH_WATER_BYTES, Connection
-from .lifecycle import Server, Strategy
+from .accepting import ACCEPTS_PER_WAKEUP
+from .connection import ECHO_HIGH_WATER_BYTES, Connections
+from .lifecycle import IDLE_SWEEPS, Server, Strategy
+
+# asyncio's own ratio of the low to the high write-buffer mark, as a constant
+# so that no transport holds an int object of its own for it.
+_ECHO_LOW_WATER_BYTES = ECHO_HIGH_WATER_BYTES // 4
 
 
 class AsyncioStrategy(Strategy):
-    """asyncio's event loop with a BufferedProtocol per connection."""
+    """asyncio's event loop with a Protocol per connection."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     def run(self, server: Server) -> None:
         asyncio.run(self._serve(server))
@@ -37,19 +44,43 @@ class AsyncioStrategy(Strategy):
         try:
             if server.stopping:
                 return
-            live: set[_AsyncioConnection] = set()
-            view = memoryview(bytearray(server.config.recv_size_bytes))
+            shared = _Shared(server)
+            # asyncio takes ``backlog`` both for listen() and for how many
+            # connections to accept per wakeup, each with a task of its own
+            # until connection_made(): a burst of thousands would cost that
+            # many tasks at once (memory the process keeps). So it gets the
+            # accept batch, and the listener its own backlog back at once.
+            assert server.listener is not None
             aserver = await self._loop.create_server(
-                lambda: _AsyncioConnection(server, live, view),
-                sock=server.listener, backlog=server.config.backlog)
+                partial(_AsyncioConnection, shared), sock=server.listener, backlog=ACCEPTS_PER_WAKEUP)
+            server.listener.listen(server.config.backlog)
+            self._sweeper = self._loop.call_later(server.config.idle_sweep_s, self._sweep_idle, shared)
             try:
                 await self._stop.wait()
             finally:
+                self._sweeper.cancel()
                 aserver.close()
-                for protocol in list(live):
+                for protocol in list(shared.live):
                     protocol.finish("shutdown")
         finally:
             self._loop = None
+
+    def _sweep_idle(self, shared: _Shared) -> None:
+        # Every connection silent for IDLE_SWEEPS sweeps in a row is closed.
+        # The transport drains its buffer without telling the protocol: a
+        # change in what it holds since the last sweep counts as activity.
+        for protocol in list(shared.live):
+            transport = protocol.transport
+            buffered = transport.get_write_buffer_size()
+            if buffered != protocol.buffered:
+                protocol.buffered = buffered
+                protocol.idle = 0
+            elif protocol.idle >= IDLE_SWEEPS:
+                protocol.finish("idle")
+            else:
+                protocol.idle += 1
+        assert self._loop is not None
+        self._sweeper = self._loop.call_later(shared.server.config.idle_sweep_s, self._sweep_idle, shared)
 
     def wake(self, server: Server) -> None:
         # A signal handler may not touch the loop's internals, but
@@ -59,101 +90,78 @@ class AsyncioStrategy(Strategy):
             loop.call_soon_threadsafe(stop.set)
 
 
-class _AsyncioConnection(asyncio.BufferedProtocol):
-    """One connection's asyncio protocol around the shared ``Connection`` logic."""
+class _Shared:
+    """What every connection's protocol of one run refers to."""
 
-    def __init__(self, server: Server, live: set[_AsyncioConnection], view: memoryview) -> None:
-        self._server = server
-        self._live = live
-        # Shared by all connections: the transport hands each chunk to
-        # buffer_updated() before it reads the next, so nothing is overwritten.
-        self._view = view
-        self._loop = asyncio.get_running_loop()
-        self._transport: asyncio.Transport | None = None
-        self._conn: Connection | None = None
-        self._done = False
-        self._eof = False
-        self._written = 0
-        self._last_active_s = 0.0
-        self._last_buffered = 0
-        self._timer: asyncio.TimerHandle | None = None
+    __slots__ = ("server", "conns", "live", "recv_size")
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.conns: Connections = server.connections
+        self.live: set[_AsyncioConnection] = set()
+        self.recv_size = server.config.recv_size_bytes
+
+
+class _AsyncioConnection(asyncio.Protocol):
+    """One connection's asyncio protocol around the shared ``Connections``.
+
+    bytes_sent is counted as written and, when the connection ends, less what
+    the transport still holds. After a reset the transport has already
+    dropped its buffer, so up to one write buffer (the echo high-water mark)
+    may be counted as sent.
+    """
+
+    __slots__ = ("shared", "transport", "cid", "eof", "idle", "buffered")
+
+    def __init__(self, shared: _Shared) -> None:
+        self.shared = shared
+        self.cid = -1  # until connection_made
+        self.eof = False
+        self.idle = 0  # idle sweeps since the last activity
+        self.buffered = 0  # what the transport held at the last sweep
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        self._conn = self._server.open_connection(transport.get_extra_info("peername"))
-        self._live.add(self)
+        shared = self.shared
+        self.transport = transport
+        self.cid = shared.server.open_connection(transport.get_extra_info("peername"))
+        shared.live.add(self)
+        transport.max_size = shared.recv_size  # type: ignore[attr-defined]
         # Backpressure for echo: pause_writing() above this stops reading.
-        transport.set_write_buffer_limits(high=ECHO_HIGH_WATER_BYTES)
-        self._last_active_s = self._loop.time()
-        # One timer per idle period that re-arms itself from the last activity,
-        # rather than cancelling and re-creating a timer for every chunk.
-        self._timer = self._loop.call_at(
-            self._last_active_s + self._server.config.idle_timeout_s, self._check_idle)
+        transport.set_write_buffer_limits(high=ECHO_HIGH_WATER_BYTES, low=_ECHO_LOW_WATER_BYTES)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert self._conn is not None
-        self._last_active_s = self._loop.time()
-        reply = self._conn.on_data(self._view[:nbytes])
+    def data_received(self, data: bytes) -> None:
+        self.idle = 0
+        conns = self.shared.conns
+        reply = conns.on_data(self.cid, data)
         if reply:
-            # Copied: a transport may keep what it could not send yet, and the
-            # view is overwritten by the next receive.
-            self._write(bytes(reply))
+            conns.on_sent(self.cid, len(reply))
+            self.transport.write(reply)
 
     def eof_received(self) -> bool:
-        assert self._conn is not None
-        self._eof = True
-        self._write(self._conn.on_eof())
+        self.eof = True
+        trailer = self.shared.conns.on_eof(self.cid)
+        self.shared.conns.on_sent(self.cid, len(trailer))
+        self.transport.write(trailer)
         return False  # the transport closes once the trailer is flushed
 
     def pause_writing(self) -> None:
-        assert self._transport is not None
-        self._transport.pause_reading()
+        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        assert self._transport is not None
-        self._transport.resume_reading()
+        self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.finish("eof" if exc is None and self._eof else "reset")
-
-    def _write(self, data: bytes) -> None:
-        assert self._transport is not None
-        self._written += len(data)
-        self._transport.write(data)
-
-    def _check_idle(self) -> None:
-        assert self._transport is not None
-        now_s = self._loop.time()
-        # The transport drains its buffer without telling the protocol; a
-        # change since the last check means bytes moved.
-        buffered = self._transport.get_write_buffer_size()
-        if buffered != self._last_buffered:
-            self._last_buffered = buffered
-            self._last_active_s = now_s
-        deadline_s = self._last_active_s + self._server.config.idle_timeout_s
-        if now_s >= deadline_s:
-            self.finish("idle")
-        else:
-            self._timer = self._loop.call_at(deadline_s, self._check_idle)
+        self.finish("eof" if exc is None and self.eof else "reset")
 
     def finish(self, closed_by: str) -> None:
-        """Record the connection's end once; cut it unless the transport already closed.
-
-        bytes_sent is what was written minus what the transport still holds.
-        After a reset the transport has already dropped its buffer, so up to
-        one write buffer (the echo high-water mark) may be counted as sent.
-        """
-        if self._done or self._conn is None or self._transport is None:
+        """Record the connection's end once; cut it unless the transport already closed."""
+        shared = self.shared
+        if self.cid < 0 or self not in shared.live:
             return
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-        self._live.discard(self)
-        self._conn.on_sent(self._written - self._transport.get_write_buffer_size())
+        shared.live.discard(self)
+        # Written but never taken by the kernel: not sent.
+        shared.conns.on_sent(self.cid, -self.transport.get_write_buffer_size())
         if closed_by in ("idle", "shutdown"):
-            self._transport.abort()
-        self._server.close_connection(self._conn, closed_by)
+            self.transport.abort()
+        shared.server.close_connection(self.cid, closed_by)

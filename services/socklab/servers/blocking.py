@@ -9,7 +9,6 @@ import time
 from typing import Callable
 
 from .accepting import EXHAUSTED_ACCEPT_ERRNOS, EXHAUSTED_RETRY_S, TRANSIENT_ACCEPT_ERRNOS, configure_accepted
-from .connection import Connection
 from .lifecycle import STOP_SIGNALS, Server, Strategy
 
 # Stopping: Python runs signal handlers in the main thread only, and after
@@ -36,7 +35,7 @@ def _shutdown_quietly(sock: socket.socket | None) -> None:
         pass  # already closed or never connected: nothing left to unblock
 
 
-def _accept_blocking(server: Server) -> tuple[socket.socket, Connection] | None:
+def _accept_blocking(server: Server) -> tuple[socket.socket, int] | None:
     """The next connection from the blocking listener, set up and opened; None once the server stops."""
     assert server.listener is not None
     while not server.stopping:
@@ -55,31 +54,31 @@ def _accept_blocking(server: Server) -> tuple[socket.socket, Connection] | None:
     return None
 
 
-def _send_counted(sock: socket.socket, data: memoryview | bytes, conn: Connection) -> None:
+def _send_counted(sock: socket.socket, data: memoryview | bytes, server: Server, cid: int) -> None:
     # sendall() would lose the count of what went out before an error.
     view = memoryview(data)
     while view:
         sent = sock.send(view)
-        conn.on_sent(sent)
+        server.connections.on_sent(cid, sent)
         view = view[sent:]
 
 
-def _blocking_exchange(server: Server, sock: socket.socket, conn: Connection,
-                       buf: bytearray) -> str:
-    """Serve one connection with blocking calls until it ends; return its closed_by."""
+def _blocking_exchange(server: Server, sock: socket.socket, cid: int, buf: bytearray) -> str:
+    """Serve connection ``cid`` with blocking calls until it ends; return its closed_by."""
     view = memoryview(buf)
+    conns = server.connections
     try:
         while True:
             nbytes = sock.recv_into(buf)
             if nbytes:
-                reply = conn.on_data(view[:nbytes])
+                reply = conns.on_data(cid, view[:nbytes])
                 if reply:
-                    _send_counted(sock, reply, conn)
+                    _send_counted(sock, reply, server, cid)
             if server.stopping:
                 return "shutdown"
             if not nbytes:
                 break
-        _send_counted(sock, conn.on_eof(), conn)
+        _send_counted(sock, conns.on_eof(cid), server, cid)
         return "eof"
     except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO expired
         return "shutdown" if server.stopping else "idle"
@@ -87,15 +86,15 @@ def _blocking_exchange(server: Server, sock: socket.socket, conn: Connection,
         return "shutdown" if server.stopping else "reset"
 
 
-def _serve_to_the_end(server: Server, sock: socket.socket, conn: Connection, buf: bytearray,
+def _serve_to_the_end(server: Server, sock: socket.socket, cid: int, buf: bytearray,
                       release: Callable[[socket.socket], None]) -> None:
     """Serve one connection until it ends; ``release`` closes the socket, then the end is recorded."""
     closed_by = "reset"  # unless the exchange says otherwise
     try:
-        closed_by = _blocking_exchange(server, sock, conn, buf)
+        closed_by = _blocking_exchange(server, sock, cid, buf)
     finally:
         release(sock)
-        server.close_connection(conn, closed_by)
+        server.close_connection(cid, closed_by)
 
 
 class BlockingStrategy(Strategy):
@@ -110,9 +109,9 @@ class BlockingStrategy(Strategy):
             accepted = _accept_blocking(server)
             if accepted is None:
                 return
-            sock, conn = accepted
+            sock, cid = accepted
             self._current = sock
-            _serve_to_the_end(server, sock, conn, buf, self._release)
+            _serve_to_the_end(server, sock, cid, buf, self._release)
 
     def _release(self, sock: socket.socket) -> None:
         # Cleared before close so that wake() never touches a closed socket.
@@ -144,9 +143,9 @@ class ThreadedStrategy(Strategy):
             accepted = _accept_blocking(server)
             if accepted is None:
                 break
-            sock, conn = accepted
-            thread = threading.Thread(target=self._work, args=(server, sock, conn),
-                                      name=f"conn-{conn.peer}", daemon=True)
+            sock, cid = accepted
+            thread = threading.Thread(target=self._work, args=(server, sock, cid),
+                                      name=f"conn-{server.connections.peer(cid)}", daemon=True)
             with self._lock:
                 self._workers[sock] = thread
             try:
@@ -158,7 +157,7 @@ class ThreadedStrategy(Strategy):
                 with self._lock:
                     del self._workers[sock]
                     sock.close()
-                server.close_connection(conn, "reset")
+                server.close_connection(cid, "reset")
                 time.sleep(EXHAUSTED_RETRY_S)
         with self._lock:
             for sock in self._workers:
@@ -168,11 +167,11 @@ class ThreadedStrategy(Strategy):
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _work(self, server: Server, sock: socket.socket, conn: Connection) -> None:
+    def _work(self, server: Server, sock: socket.socket, cid: int) -> None:
         # Stop signals go to the main thread, whose accept() they must
         # interrupt; Linux would pick any thread that does not block them.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        _serve_to_the_end(server, sock, conn, bytearray(server.config.recv_size_bytes), self._release)
+        _serve_to_the_end(server, sock, cid, bytearray(server.config.recv_size_bytes), self._release)
 
     def _release(self, sock: socket.socket) -> None:
         with self._lock:

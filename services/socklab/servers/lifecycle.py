@@ -17,10 +17,15 @@ from typing import Any
 
 from ..errors import SocklabError
 from ..results import cpu_seconds, emit_result, peak_rss_kib
-from ..address import format_peer
-from .connection import Connection
+from .connection import Connections
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# The loop-based modes look for idle connections this many times per idle
+# timeout, rather than keeping a deadline per connection (a timer, or a place
+# in an ordered map, per connection is memory an idle connection need not
+# cost): a silent connection is closed between 1 and 1 + 1/IDLE_SWEEPS idle
+# timeouts after its last activity.
+IDLE_SWEEPS = 10
 # What the server prints on stderr once it listens: the orchestrator waits for it.
 LISTENING_LINE = "socklab server listening on"
 
@@ -39,6 +44,10 @@ class ServerConfig:
     backlog: int
     rcvbuf_bytes: int | None
 
+    @property
+    def idle_sweep_s(self) -> float:
+        """How often the loop-based modes look for idle connections (see IDLE_SWEEPS)."""
+        return self.idle_timeout_s / IDLE_SWEEPS
 
 
 class Server:
@@ -58,7 +67,8 @@ class Server:
         self.stopped_by: str | None = None
         self._lock = threading.Lock()
         self._t0 = 0.0
-        self._connections: list[Connection] = []
+        # Every connection's state and record, numbered in order of opening.
+        self.connections = Connections(config.workload == "echo")
         self._open = 0
         self._finished = 0
         self._max_concurrent = 0
@@ -127,24 +137,25 @@ class Server:
         """Seconds since the server started listening."""
         return time.monotonic() - self._t0
 
-    def open_connection(self, address: Any) -> Connection:
-        """Register a newly accepted connection from ``address`` (the peer's sockaddr)."""
-        conn = Connection(format_peer(address), self.config.workload == "echo", self.now_s())
+    def open_connection(self, address: Any) -> int:
+        """Register a newly accepted connection from ``address`` (the peer's sockaddr): its number.
+
+        The workload is then driven through ``self.connections`` with that number.
+        """
         with self._lock:
-            self._connections.append(conn)
+            cid = self.connections.open(address, self.now_s())
             self._open += 1
             self._max_concurrent = max(self._max_concurrent, self._open)
             self._threads_max = max(self._threads_max, threading.active_count())
-        return conn
+        return cid
 
-    def close_connection(self, conn: Connection, closed_by: str) -> None:
-        """Record the end of ``conn``; stop once enough connections have finished.
+    def close_connection(self, cid: int, closed_by: str) -> None:
+        """Record the end of connection ``cid``; stop once enough connections have finished.
 
         ``closed_by``: "eof", "idle" and "reset" finish a connection; "shutdown"
         (cut because the server stops) does not count towards --max-connections.
         """
-        conn.end_s = self.now_s()
-        conn.closed_by = closed_by
+        self.connections.close(cid, self.now_s(), closed_by)
         with self._lock:
             self._open -= 1
             # A thread-per-connection worker calls this while still alive, so
@@ -164,19 +175,19 @@ class Server:
         # missed its join deadline, an asyncio transport made during shutdown)
         # is reported as cut by the shutdown rather than left without an end.
         with self._lock:
-            open_conns = [c for c in self._connections if c.closed_by is None]
-        for conn in open_conns:
-            self.close_connection(conn, "shutdown")
+            open_ones = self.connections.open_ones()
+        for cid in open_ones:
+            self.close_connection(cid, "shutdown")
 
     def _result(self, wall_s: float) -> dict[str, Any]:
-        conns = self._connections
+        conns = self.connections
         return {
             "role": "server",
             "mode": self.config.mode,
             "workload": self.config.workload,
             "connections": self._finished,
-            "bytes_received": sum(c.bytes_received for c in conns),
-            "bytes_sent": sum(c.bytes_sent for c in conns),
+            "bytes_received": conns.bytes_received(),
+            "bytes_sent": conns.bytes_sent(),
             "cpu_s": round(cpu_seconds(), 6),
             "max_concurrent": self._max_concurrent,
             "threads_max": self._threads_max,
@@ -184,7 +195,7 @@ class Server:
             "idle_timeouts": self._idle_timeouts,
             "wall_s": round(wall_s, 6),
             "stopped_by": self.stopped_by,
-            "per_connection": [c.record() for c in conns],
+            "per_connection": [conns.record(cid) for cid in range(len(conns))],
         }
 
 
