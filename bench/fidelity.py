@@ -90,10 +90,14 @@ GOODPUT_TOLERANCE = 0.05
 RTT_TOLERANCE = 0.05
 PING_BYTES = 64
 LOADGEN_SECONDS = 5
-# Holds a payload in memory, so it is capped; at the fastest veth speeds seen
-# here (~20 Gbit/s) that is still over a second of sending.
+# A cap on the transfer; at the fastest veth speeds seen here (~20 Gbit/s) that
+# is still over a second of sending. (Not on memory: a payload this large is
+# tiled, see socklab.payload.)
 LOADGEN_MAX_BYTES = 4 * 2**30
 LOADGEN_MODES = ("blocking", "epoll")
+# What the lab client must reach against iperf3, by mode. Blocking: its one
+# send() of a tiled payload copies from the cache, as iperf3's writes do.
+LOADGEN_MIN_RATIO = {"blocking": 0.9, "epoll": 0.8}
 
 
 def _label_rate(mbit: float) -> str:
@@ -265,7 +269,7 @@ def loadgen(client: ClientRun, quick: bool, log: Log) -> tuple[list[dict], list[
         figure(f"loadgen.bulk.{mode}.trace_{kind}", f"lab bulk client ({mode}) goodput, unshaped link, "
                f"trace {kind}", "Gbit/s", [r[f"{mode}.trace_{kind}"]["bps"] / 1e9 for r in rows],
                reference="iperf3, same containers and run", reference_samples=[r["iperf3_bps"] / 1e9 for r in rows],
-               target={"min": 0.8})
+               target={"min": LOADGEN_MIN_RATIO[mode]})
         for mode in LOADGEN_MODES for kind in ("off", "on")
     ]
     return figures, rows

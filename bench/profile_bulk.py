@@ -8,10 +8,11 @@ benchmark uses):
 
 1. cProfile of the lab's blocking client sending the payload: where its time goes;
 2. the same number of bytes sent by a few lines of Python with sendall()
-   (bench/probes/bulk_sender.py), once from one payload buffer as large as the
-   transfer (what the lab's bulk workload does: the tutorial's payload is one
-   object) and once from a 128 KiB buffer sent again and again (what iperf3
-   does), alternating, ``--tries`` times each.
+   (bench/probes/bulk_sender.py): from one plain buffer as large as the
+   transfer (the tutorial's payload as one bytes object, what the bulk workload
+   sent before socklab.payload), from the lab's tiled payload (one buffer too,
+   whose pages repeat a small tile: what it sends now) and from a 128 KiB
+   buffer sent again and again (what iperf3 does), in turn, ``--tries`` times each.
 
 Writes bench/results/profile_bulk.json and prints a summary.
 """
@@ -44,9 +45,11 @@ def main() -> int:
         profiled, stdout = run_in_client(
             lab, shlex.join(["python3", "-m", "cProfile", "-s", "tottime", "-m", "socklab", *client]) + " | head -30",
             link_env())
-        rates: dict[str, list[float]] = {"whole": [], "reused": []}
+        rates: dict[str, list[float]] = {"whole": [], "tiled": [], "reused": []}
+        kinds = list(rates)
         for attempt in range(args.tries):
-            for kind in (("whole", "reused") if attempt % 2 == 0 else ("reused", "whole")):
+            # Rotated, so that no kind always runs first after the profile.
+            for kind in kinds[attempt % 3:] + kinds[:attempt % 3]:
                 sender = probe_command("bulk_sender", "server", BULK_PORT, nbytes, kind)
                 _, out = run_in_client(lab, shlex.join(sender), link_env())
                 line = next(line for line in out.splitlines() if line.startswith("SENT "))
@@ -63,9 +66,9 @@ def main() -> int:
     }
     write_standalone(args.out, "profile_bulk", summary)
     print("\n".join(summary["lab_client_profile_top"]))
+    buffers = {"whole": "a payload-sized plain", "tiled": "the lab's tiled payload", "reused": "a 128 KiB reused"}
     for kind, values in summary["gbit_per_s"].items():
-        print(f"sendall from a {'payload-sized' if kind == 'whole' else '128 KiB reused'} buffer: "
-              f"median {values['median']} Gbit/s {values['samples']}")
+        print(f"sendall from {buffers[kind]} buffer: median {values['median']} Gbit/s {values['samples']}")
     return 0
 
 

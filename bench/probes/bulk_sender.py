@@ -1,11 +1,14 @@
 """Send NBYTES with sendall() the way the lab's bulk protocol wants: profile_bulk's yardstick.
 
-    python3 bulk_sender.py HOST PORT NBYTES whole|reused
+    python3 bulk_sender.py HOST PORT NBYTES whole|tiled|reused
 
-``whole`` sends from one payload buffer as large as the transfer (what the
-lab's bulk workload does); ``reused`` sends a 128 KiB buffer again and again
-(what iperf3 does). Then shuts down the write side, reads the server's trailer
-to its EOF and prints ``SENT KIND BYTES SECONDS``. Stdlib only.
+``whole`` sends from one payload buffer as large as the transfer, plain bytes
+(what the lab's bulk workload did before its payload was tiled); ``tiled`` from
+the lab's own payload (socklab.payload: one buffer whose pages repeat a small
+tile, what the bulk workload sends now); ``reused`` sends a 128 KiB buffer again
+and again (what iperf3 does). Then shuts down the write side, reads the server's
+trailer to its EOF and prints ``SENT KIND BYTES SECONDS``. Stdlib only, but for
+``tiled`` (the lab image has socklab).
 """
 
 import socket
@@ -20,6 +23,9 @@ def send(host, port, nbytes, kind):
     """Bytes sent and seconds from the first send to the server's EOF."""
     block = PATTERN * (BLOCK_BYTES // len(PATTERN)) if kind == "reused" else None
     payload = memoryview(PATTERN * (nbytes // len(PATTERN))) if kind == "whole" else None
+    if kind == "tiled":
+        from socklab.payload import Payload
+        payload = Payload(nbytes // len(PATTERN) * len(PATTERN), PATTERN).view
     sock = socket.create_connection((host, port))
     started = time.perf_counter()
     if payload is not None:

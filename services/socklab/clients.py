@@ -22,16 +22,17 @@ import socket
 import time
 from collections import Counter
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .cli import ArgumentParser, duration_arg, port_arg, positive_int, size_arg
 from .conns import AsyncConn, ConnBase, Mode, Settings, SocketConn, run_asyncio, run_shared_loop, run_threads
+from .payload import Payload
 from .percentile import latency_summary_ms as latency_summary
 from .results import cpu_seconds, emit_result
-from .sockcall import EventLoop, Limit
+from .sockcall import EventLoop, Limit, Step
 from .tcpinfo import combine_tcp_info
 from .trace import Tracer
-from .workloads import WORKLOADS, WorkloadOptions, make_payload
+from .workloads import WORKLOADS, WorkloadOptions
 
 MODES: dict[str, Mode] = {mode.name: mode for mode in (
     Mode("blocking", blocking=True),
@@ -256,8 +257,15 @@ def main(argv: Sequence[str]) -> int:
     if mode.name == "timeout":
         mode = replace(mode, call_timeout_s=args.timeout or DEFAULT_CALL_TIMEOUT_S)
     workload, payload_bytes = WORKLOADS[args.workload]
-    payload = memoryview(make_payload(payload_bytes(opts), opts.pattern))
+    with Payload(payload_bytes(opts), opts.pattern) as payload:
+        result = _run_workload(args, opts, mode, workload, payload.view)
+    emit_result(result, args.result_file)
+    return 1 if result["errors"] else 0
 
+
+def _run_workload(args: argparse.Namespace, opts: WorkloadOptions, mode: Mode, workload: Callable[..., Step],
+                  payload: memoryview) -> dict[str, Any]:
+    """Every connection's run of ``workload`` over ``payload``; the result line."""
     clock = time.perf_counter
     errors: list[str] = []
     try:
@@ -295,6 +303,4 @@ def main(argv: Sequence[str]) -> int:
             tracer.write()
         except OSError as exc:
             errors.append(f"cannot write the trace {args.trace}: {exc.strerror or exc}")
-    result = summarize(args, opts, conns, loops, wall_s, cpu_s, errors)
-    emit_result(result, args.result_file)
-    return 1 if result["errors"] else 0
+    return summarize(args, opts, conns, loops, wall_s, cpu_s, errors)

@@ -473,6 +473,32 @@ def test_payload_is_the_pattern_repeated_to_the_exact_size():
     assert len(make_payload(136314880, b"Hello Python\n")) == len("Hello Python\n" * 10 * 1024 * 1024)
 
 
+@pytest.mark.parametrize("mode", ["blocking", "epoll", "asyncio"])
+def test_bulk_sends_the_pattern_repeated_to_the_exact_size_from_its_tiled_payload(mode):
+    """Every mode sends from the one payload builder (socklab.payload), whose large payloads are tiled."""
+    pattern, nbytes = b"odd pattern!", 3 * 2**20 + 7
+    listener = socket.create_server((LOOPBACK, 0))
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while data := conn.recv(65536):
+                received.extend(data)
+            conn.sendall(encode_trailer(len(received)))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        code, result, _ = run_client(*client_args(mode, listener.getsockname()[1], "bulk", "--bytes", str(nbytes),
+                                                  "--pattern", pattern.decode()))
+        server.join(30)
+    finally:
+        listener.close()
+    assert code == 0 and result["bytes_delivered"] == nbytes, result
+    assert received == make_payload(nbytes, pattern)
+
+
 def test_latency_percentiles_are_measured_values():
     summary = clients.latency_summary([i / 1000 for i in range(1, 101)])
     assert summary == {"p50": 50.0, "p90": 90.0, "p99": 99.0, "max": 100.0, "mean": 50.5, "count": 100}
