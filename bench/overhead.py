@@ -19,14 +19,20 @@ Sweep: a 12-case experiment (six client modes x two payloads, 4 and 8 s at 50
 Mbit/s) run by the case runner twice: with containers per case (the default)
 and with `--reuse` (the cases differ only in the client's arguments, so they
 share one project); each sweep's wall time against the sum of its workloads.
-Where a case's time goes is recorded per phase (from the runner's own progress
-calls), which is what explains the overhead.
+
+Where a case's time goes is recorded per phase, from the runner's own
+progress messages (the definition, `compose up`, the wait for the clients,
+stopping the server and collecting, writing results, teardown; the link probe
+and the workload from the case's record), beside the bare reference's `up`
+and `down`: the results' details hold each repetition's, and a breakdown table
+per section (medians per case, totals per sweep) that render.py prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -75,11 +81,32 @@ matrix:
   clients.load.mode: [blocking, timeout, select, poll, epoll, asyncio]
   clients.load.workload.bytes: [24MB, 48MB]
 """
-# The runner's progress messages that open each phase of a case, by phase name.
-# With containers per case, "start server" covers the clients' start too (one compose up).
-PHASES = (("start kept containers", "starting the containers"), ("start server", "starting the server"),
-          ("start clients", "starting client"), ("run", "running"), ("collect", "collecting results"),
+# The runner's progress messages that open each phase of a case, by phase name (the first that matches).
+# With containers per case, one compose up starts the server, its gate and the clients ("start containers");
+# with kept containers, each case starts its roles in them ("start server", "start clients").
+PHASES = (("start kept containers", "starting the containers"), ("start containers", "starting the server, then"),
+          ("start server", "starting the server"), ("start clients", "starting client"), ("run", "running"),
+          ("collect", "collecting results"), ("write results", "writing the results"),
           ("tear down", "tearing down"))
+# The phase the benchmark opens itself, when it hands a case to the runner: the case's definition
+# (its override file written) until the runner's first message.
+DEFINE = "define"
+# How each phase reads in BENCHMARKS.md, in the order of a case.
+PHASE_LABELS = {
+    DEFINE: "define the case (override file written)",
+    "start kept containers": "start the kept containers (`compose up`, once per lab)",
+    "start containers": "start server, gate and clients (`compose up`)",
+    "start server": "start the server's role, until it listens",
+    "start clients": "start the clients' roles",
+    "run": "wait for the clients",
+    "probe": "… of it the link probe, before each workload (longest client per case)",
+    "workload": "… of it the workload (longest client per case)",
+    "collect": "stop the server; collect results and traces (side by side)",
+    "write results": "write results into the run directory",
+    "tear down": "tear down (containers, network and volume removed)",
+    "bare up": "reference: bare `compose up -d`",
+    "bare down": "reference: bare `compose down`",
+}
 
 
 def _workload_s(record: dict) -> float:
@@ -87,16 +114,22 @@ def _workload_s(record: dict) -> float:
     return max(c["wall_s"] or 0.0 for c in record["clients"])
 
 
-def _bare_up_down(override: Path, services: list[str]) -> float:
+def _probe_s(record: dict) -> float:
+    """The longest link probe of the case's clients (0 without one): it runs before each workload."""
+    return max((m.get("probe_s") or 0.0 for m in record["link"].get("measured", {}).values()), default=0.0)
+
+
+def _bare_up_down(override: Path, services: list[str]) -> dict[str, float]:
     """`up -d` + `down` of ``services`` (and the gate they depend on) by bare Compose, from the case's
-    own override file."""
+    own override file: the seconds of each."""
     bare = ComposeProject(f"socklab-bench-bare-{time.monotonic_ns() % 10**6}", files=(COMPOSE_FILE, override))
     started = time.monotonic()
     try:
         bare.compose("up", "-d", "--no-build", *services, timeout_s=300)
+        up_s = time.monotonic() - started
     finally:
         bare.down()
-    return time.monotonic() - started
+    return {"bare up": up_s, "bare down": time.monotonic() - started - up_s}
 
 
 @dataclass(frozen=True)
@@ -107,11 +140,12 @@ class BareReference:
     engine: str  # in the figure's id and label, and the log: "" for Compose, else the engine's name
     label: str
     row_key: str
-    # seconds(the run directory, the repetition, the experiment, a scratch directory)
-    seconds: Callable[[RunDir, int, Experiment, Path], float]
+    # seconds(the run directory, the repetition, the experiment, a scratch directory): the seconds, or the
+    # seconds of each phase (the figure takes their sum, the breakdown each)
+    seconds: Callable[[RunDir, int, Experiment, Path], float | dict[str, float]]
 
 
-def _compose_seconds(rundir: RunDir, repetition: int, experiment: Experiment, scratch: Path) -> float:
+def _compose_seconds(rundir: RunDir, repetition: int, experiment: Experiment, scratch: Path) -> dict[str, float]:
     override = next(rundir.compose.glob(f"*r{repetition}*"))
     services = [scenario.SERVER_SERVICE] + [scenario.client_service(g) for g in experiment.clients]
     return _bare_up_down(override, services)
@@ -128,29 +162,37 @@ def per_case(replicas: int, repetitions: int, log: Log, reference: BareReference
     (case, _), = expand_runs(expand_cases(experiment))
     where = f" on a single-node {reference.engine}" if reference.engine else ""
     lab_s, bare_s, rows = [], [], []
+    clock = PhaseClock()
     with tempfile.TemporaryDirectory() as tmp:
         rundir = RunDir.create(Path(tmp), experiment.name)
-        runner = case_runner(rundir, lambda text: None, lab_engine, trace=True)
+        runner = case_runner(rundir, clock, lab_engine, trace=True)
         for repetition in range(1, repetitions + 1):
+            first_mark = clock.begin_case()
             started = time.monotonic()
             record = runner.run(case, repetition)
             total_s = time.monotonic() - started
+            clock.end_case()
             if record["status"] != "ok":
                 raise RuntimeError(f"overhead case{where} with {replicas} clients: {record['status']}: "
                                    f"{record['error']}")
             outside_s = total_s - _workload_s(record)
             bare = reference.seconds(rundir, repetition, experiment, Path(tmp))
+            bare_phases = {k: round(v, 3) for k, v in bare.items()} if isinstance(bare, dict) else {}
+            bare = sum(bare.values()) if isinstance(bare, dict) else bare
             lab_s.append(outside_s)
             bare_s.append(bare)
+            phases = {**clock.seconds_by_phase(first_mark), "probe": round(_probe_s(record), 3),
+                      "workload": round(_workload_s(record), 3)}
             rows.append({"replicas": replicas, "repetition": repetition, "case_s": round(total_s, 3),
                          "workload_s": round(_workload_s(record), 3), "outside_s": round(outside_s, 3),
-                         reference.row_key: round(bare, 3)})
+                         reference.row_key: round(bare, 3), "seconds_by_phase": phases,
+                         **({"reference_by_phase": bare_phases} if bare_phases else {})})
             log(f"overhead{where}, {replicas} client container(s): case {total_s:.2f} s, outside the workload "
-                f"{outside_s:.2f} s; {reference.label} {bare:.2f} s")
+                f"{outside_s:.2f} s; {reference.label} {bare:.2f} s; by phase {phases} {bare_phases}")
     prefix = f"{reference.engine}." if reference.engine else ""
     return figure(f"{prefix}overhead.case.{replicas}", f"seconds per case outside the workload{where}, {replicas} "
                   f"client container(s)", "s", lab_s, reference=reference.label, reference_samples=bare_s,
-                  target={"max": 1.2}), rows
+                  target={"max": 1.1}), rows
 
 
 class PhaseClock:
@@ -164,16 +206,22 @@ class PhaseClock:
         if phase:
             self.marks.append((time.monotonic(), phase))
 
+    def begin_case(self) -> int:
+        """Note that a case is handed to the runner; where its marks begin (for :meth:`seconds_by_phase`)."""
+        self.marks.append((time.monotonic(), DEFINE))
+        return len(self.marks) - 1
+
     def end_case(self) -> None:
         self.marks.append((time.monotonic(), "end"))
 
-    def seconds_by_phase(self) -> dict[str, float]:
-        """Total seconds spent in each phase over every case so far."""
+    def seconds_by_phase(self, since: int = 0) -> dict[str, float]:
+        """Total seconds spent in each phase over every case from mark ``since`` on (all cases so far)."""
         totals: dict[str, float] = {}
-        for (at, phase), (next_at, _) in zip(self.marks, self.marks[1:]):
+        marks = self.marks[since:]
+        for (at, phase), (next_at, _) in zip(marks, marks[1:]):
             if phase != "end":
                 totals[phase] = totals.get(phase, 0.0) + next_at - at
-        return {phase: round(seconds, 2) for phase, seconds in totals.items()}
+        return {phase: round(seconds, 3) for phase, seconds in totals.items()}
 
 
 def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
@@ -192,6 +240,7 @@ def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
         records = []
         try:
             for case, repetition in runs:
+                clock.begin_case()
                 records.append(runner.run(case, repetition))
                 clock.end_case()
         finally:
@@ -202,16 +251,60 @@ def sweep(reuse: bool, log: Log, *, quick: bool = False) -> tuple[dict, dict]:
     if bad:
         raise RuntimeError(f"sweep case {bad[0]['case']}: {bad[0]['status']}: {bad[0]['error']}")
     workload_s = sum(_workload_s(r) for r in records)
+    phases = {**clock.seconds_by_phase(), "probe": round(sum(_probe_s(r) for r in records), 3),
+              "workload": round(workload_s, 3)}
     how = "reusing containers" if reuse else "containers per case"
     log(f"sweep of {len(records)} cases, {how}: {wall_s:.1f} s for {workload_s:.1f} s of workload "
-        f"(overhead {(wall_s - workload_s) / workload_s:.0%}); by phase {clock.seconds_by_phase()}")
+        f"(overhead {(wall_s - workload_s) / workload_s:.0%}); by phase {phases}")
     fig = figure(f"overhead.sweep.{'reuse' if reuse else 'fresh'}",
                  f"wall time of a {len(records)}-case sweep, {how}", "s", [wall_s],
                  reference="sum of its workloads", reference_samples=[workload_s],
-                 target={"max": 1.2} if reuse else None)
+                 target={"max": 1.1} if reuse else None)
     return fig, {"cases": len(records), "reuse": reuse, "wall_s": round(wall_s, 2),
-                 "workload_s": round(workload_s, 2), "seconds_by_phase": clock.seconds_by_phase(),
+                 "workload_s": round(workload_s, 2), "seconds_by_phase": phases,
                  "per_case_workload_s": [round(_workload_s(r), 3) for r in records]}
+
+
+def _table(caption: str, columns: list[str], by_column: list[dict[str, float | None]],
+           totals: list[tuple[str, list[float | None]]]) -> dict:
+    """A breakdown table as render.py prints it: a row per phase some column has (in the order of a case),
+    then ``totals``."""
+    phases = [phase for phase in PHASE_LABELS if any(col.get(phase) is not None for col in by_column)]
+    rows = [[PHASE_LABELS[phase], [col.get(phase) for col in by_column]] for phase in phases]
+    rows += [[label, values] for label, values in totals]
+    return {"caption": caption, "columns": columns, "unit": "s", "rows": rows}
+
+
+def breakdown(figures: list[dict], rows: list[dict], sweeps: list[dict]) -> list[dict]:
+    """Where the seconds outside the workload go: per-case figures by the median of each phase over their
+    repetitions (with the bare reference's own phases), sweeps by each phase's total over their cases."""
+    tables = []
+    cases = [f for f in figures if ".case." in f["id"]]
+    if cases:
+        by_replicas = [[r for r in rows if r["replicas"] == int(f["id"].rsplit(".", 1)[1])] for f in cases]
+
+        def median_of(reps: list[dict], value: Callable[[dict], float | None]) -> float | None:
+            found = [v for v in map(value, reps) if v is not None]
+            return round(statistics.median(found), 3) if found else None
+
+        columns = [{phase: median_of(reps, lambda r, phase=phase: {**r["seconds_by_phase"],
+                                                                   **r.get("reference_by_phase", {})}.get(phase))
+                    for phase in PHASE_LABELS} for reps in by_replicas]
+        tables.append(_table(
+            "Where a case's time goes, by phase (median seconds over the repetitions)", [f["id"] for f in cases],
+            columns, [("whole case", [median_of(reps, lambda r: r["case_s"]) for reps in by_replicas]),
+                      ("**outside the workload** (the figure)",
+                       [median_of(reps, lambda r: r["outside_s"]) for reps in by_replicas]),
+                      ("reference: bare `compose up -d` + `down` (the figure's reference)",
+                       [median_of(reps, lambda r: r["bare_up_down_s"]) for reps in by_replicas])]))
+    if sweeps:
+        tables.append(_table(
+            "Where a sweep's time goes, by phase (seconds over its cases)",
+            [f"overhead.sweep.{'reuse' if d['reuse'] else 'fresh'}" for d in sweeps],
+            [d["seconds_by_phase"] for d in sweeps],
+            [("whole sweep (the figure)", [d["wall_s"] for d in sweeps]),
+             ("**outside the workloads**", [round(d["wall_s"] - d["workload_s"], 2) for d in sweeps])]))
+    return tables
 
 
 def run(quick: bool, log: Log) -> dict:
@@ -228,7 +321,8 @@ def run(quick: bool, log: Log) -> dict:
         fig, details = sweep(reuse, log, quick=quick)
         figures.append(fig)
         sweeps.append(details)
-    return {"figures": figures, "details": {"per_case": rows, "sweeps": sweeps}}
+    return {"figures": figures, "details": {"per_case": rows, "sweeps": sweeps,
+                                            "breakdown": breakdown(figures, rows, sweeps)}}
 
 
 if __name__ == "__main__":

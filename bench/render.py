@@ -26,6 +26,7 @@ SECTIONS = {
     "vm": "Link fidelity on a stock kernel with netem, inside an emulated VM",
     "swarm": "Lab overhead on Docker Swarm",
     "tracer": "Socket-call tracer overhead (socklab.usertrace)",
+    "delayline": "Userspace delay line: the fastest traffic it carries at 20 ms each way",
 }
 HEADLINE_BEGIN = "<!-- bench:headline (made by bench/render.py from bench/results/benchmarks.json) -->"
 HEADLINE_END = "<!-- /bench:headline -->"
@@ -108,6 +109,20 @@ def _notes(details: dict) -> list[str]:
     return lines
 
 
+def breakdown_tables(details: dict) -> list[str]:
+    """The section's breakdown tables (``details["breakdown"]``: a caption, a column per figure, a row per
+    phase), each as a caption and a markdown table; none when the section has none."""
+    lines = []
+    for table in details.get("breakdown", []):
+        suffix = f" {table['unit']}" if table.get("unit") else ""
+        lines += ["", f"{table['caption']}:", "", "| | " + " | ".join(f"`{c}`" for c in table["columns"]) + " |",
+                  "|---|" + "---|" * len(table["columns"])]
+        for label, values in table["rows"]:
+            cells = [number(v) + suffix if v is not None else "–" for v in values]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def missed(results: dict) -> list[dict]:
     """Every figure whose target was missed, in the order of the file."""
     return [f for b in results["benchmarks"].values() for f in b.get("figures", []) if f["met"] is False]
@@ -164,6 +179,7 @@ def render(results: dict) -> str:
         notes += _notes(bench.get("details", {}))
         if notes:
             out += [""] + notes
+        out += breakdown_tables(bench.get("details", {}))
     return "\n".join(out) + "\n"
 
 

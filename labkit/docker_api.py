@@ -1,8 +1,8 @@
 """The Docker SDK, wrapped at one boundary (as Kathará does).
 
-Compose creates and removes a case's containers; this module does what Compose
-does not: find a project's containers, exec into them, read their logs and
-files, wait for them, and remove what carries the lab's label. Every SDK error
+Compose creates a case's containers; this module does the rest: find a
+project's containers, exec into them, read their logs and files, wait for
+them, and remove a project, or what carries the lab's label. Every SDK error
 is converted here into a :class:`LabEngineError` whose message is the sentence
 the user sees; transient engine errors are retried a bounded number of times.
 """
@@ -12,10 +12,12 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Iterable, Sequence
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
@@ -31,6 +33,8 @@ NUMBER_LABEL = "com.docker.compose.container-number"
 __all__ = ["ContainerGone", "DockerAPI", "ExecJob", "LabContainer", "LabEngineError", "LabObject", "names"]
 # Containers first: they hold the networks and volumes.
 OBJECT_KINDS = ("containers", "networks", "volumes")
+# Below the SDK's connection pool (10), so no request waits for a connection.
+REMOVE_WORKERS = 8
 
 
 def _transient(exc: BaseException) -> bool:
@@ -44,6 +48,11 @@ def _transient(exc: BaseException) -> bool:
 # Bounded: a daemon that stays broken surfaces as one clear error within seconds.
 _retry = retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(4),
                wait=wait_exponential(multiplier=0.2, max=2), reraise=True)
+
+
+def _listed_name(container: dict) -> str:
+    """A container's name as the engine's listing gives it ("/name"; its id if it has none)."""
+    return (container.get("Names") or [container["Id"]])[0].lstrip("/")
 
 
 def _convert(what: str, exc: Exception) -> LabEngineError:
@@ -70,8 +79,10 @@ class DockerAPI:
         return self._client
 
     @_retry
-    def _list(self, filters: dict) -> list:
-        return self._client.containers.list(all=True, filters=filters)
+    def _list(self, filters: dict) -> list[dict]:
+        # The engine's own listing: the SDK's high-level one inspects every container it lists
+        # afterwards, one round trip each (fifty for a case of fifty clients).
+        return self._client.api.containers(all=True, filters=filters)
 
     def containers(self, project: str, service: str | None = None) -> list[LabContainer]:
         """The project's containers (of one service), ordered by service and number."""
@@ -82,11 +93,11 @@ class DockerAPI:
             found = self._list({"label": labels})
         except docker.errors.DockerException as exc:
             raise _convert(f"list the containers of {project}", exc) from None
-        result = [
-            LabContainer(c.id, c.name, c.labels.get(SERVICE_LABEL, ""),
-                         int(c.labels.get(NUMBER_LABEL, "1") or 1))
-            for c in found
-        ]
+        result = []
+        for c in found:
+            labels = c.get("Labels") or {}
+            result.append(LabContainer(c["Id"], _listed_name(c), labels.get(SERVICE_LABEL, ""),
+                                       int(labels.get(NUMBER_LABEL, "1") or 1)))
         return sorted(result, key=lambda c: (c.service, c.number))
 
     @_retry
@@ -254,8 +265,7 @@ class DockerAPI:
                     # The low-level listing: the high-level one inspects each container
                     # afterwards, and fails on one that a run's teardown removed meanwhile.
                     for c in self._client.api.containers(all=True, filters=flt):
-                        name = (c.get("Names") or [c["Id"]])[0].lstrip("/")
-                        found.append(LabObject(kind, name, dict(c.get("Labels") or {}), c["Id"]))
+                        found.append(LabObject(kind, _listed_name(c), dict(c.get("Labels") or {}), c["Id"]))
                     continue
                 for obj in self._collection(kind).list(filters=flt):
                     found.append(LabObject(kind, obj.name, dict(obj.attrs.get("Labels") or {}), obj.id))
@@ -280,10 +290,22 @@ class DockerAPI:
     def remove_labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
         """Remove every container, network and volume carrying ``label``; what was removed."""
         removed: dict[str, list[str]] = {kind: [] for kind in OBJECT_KINDS}
-        for obj in self.objects(label):
-            if self.remove_object(obj):
+        found = self.objects(label)
+        containers = [obj for obj in found if obj.kind == "containers"]
+        held = [obj for obj in found if obj.kind != "containers"]
+        # The containers side by side (each removal waits for the engine to kill it and delete its
+        # layer), then what they held, one by one.
+        with ThreadPoolExecutor(max_workers=REMOVE_WORKERS) as pool:
+            gone = list(pool.map(self.remove_object, containers))
+        gone += [self.remove_object(obj) for obj in held]
+        for obj, was_there in zip(containers + held, gone):
+            if was_there:
                 removed[obj.kind].append(obj.name)
         return removed
+
+    def remove_project(self, project: str) -> None:
+        """Remove a Compose project's containers, networks and volumes, whatever state they are in."""
+        self.remove_labelled(f"{PROJECT_LABEL}={project}")
 
     def labelled(self, label: str = LAB_LABEL) -> dict[str, list[str]]:
         """The names of the containers, networks and volumes carrying ``label``."""
@@ -291,6 +313,36 @@ class DockerAPI:
         for obj in self.objects(label):
             found[obj.kind].append(obj.name)
         return found
+
+    def nofile_allowed(self, image: str, wanted: int) -> tuple[int, str | None]:
+        """The most descriptors (RLIMIT_NOFILE) a container of ``image`` can be given, up to ``wanted``.
+
+        Asks for ``wanted`` in a throwaway container; a daemon that cannot grant
+        it (its runtime may not raise a hard limit past the daemon's own without
+        CAP_SYS_RESOURCE) refuses to start the container, and then the answer is
+        the hard limit a container gets by default. Returns the limit, and the
+        engine's refusal (None when ``wanted`` was granted).
+        """
+        refusal = None
+        for ulimits in ([docker.types.Ulimit(name="nofile", soft=wanted, hard=wanted)], None):
+            try:
+                container = self._client.containers.create(
+                    image, ["-c", "ulimit -Hn"], entrypoint="sh", network_mode="none", ulimits=ulimits,
+                    labels={LAB_LABEL: "true"})
+            except docker.errors.DockerException as exc:
+                raise _convert(f"create a container of {image}", exc) from None
+            try:
+                container.start()
+                container.wait(timeout=60)
+                hard = container.logs(stdout=True, stderr=False).decode().strip()
+                return min(wanted, int(hard)) if hard.isdigit() else wanted, refusal
+            except docker.errors.APIError as exc:
+                if ulimits is None:
+                    raise _convert(f"start a container of {image}", exc) from None
+                refusal = getattr(exc, "explanation", None) or str(exc)
+            finally:
+                container.remove(force=True)
+        raise AssertionError("unreachable")
 
     def versions(self) -> dict[str, str]:
         """Engine version, API version and host kernel, for run metadata."""

@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 from socklab.entry import ENV_KEEP
 from socklab.errors import EngineError, SocklabError
+from socklab.linkprobe import ENV_PROBE
 from socklab.results import find_results
 from socklab.servers.lifecycle import LISTENING_LINE
 
@@ -41,7 +42,8 @@ from .rundir import RunDir
 POLL_S = 0.2
 SERVER_STOP_S = 15.0
 SERVER_LISTEN_S = 60.0
-# Below the Docker SDK's connection pool (10), so no request waits for a connection.
+# Engine round trips made side by side (polling the clients, collecting): below the Docker SDK's
+# connection pool (10), so no request waits for a connection.
 COLLECT_WORKERS = 8
 Progress = Callable[[str], None]
 
@@ -52,6 +54,11 @@ class _KeptLab:
 
     lab: Lab
     key: str
+    # Each client container's link as the lab's first case measured it, and that case: the
+    # containers, and so their links, are the same for every case the lab is kept for (the
+    # key says so), so later cases do not probe again but carry this measurement.
+    measured: dict = field(default_factory=dict)
+    measured_in: str | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,8 @@ class CaseRunner:
                 return _Outcome("failed", "the server did not start", server_explains=True)
             time.sleep(POLL_S / 20)
         self.progress(f"starting {', '.join(scenario.client_services(experiment))}")
+        if self.kept is not None and self.kept.measured_in is not None:
+            keep = {**keep, ENV_PROBE: ""}  # measured once for the kept lab (see _KeptLab)
         for group in experiment.clients:
             argv = scenario.client_argv(group, trace=self.trace, lab_server=experiment.server.program is None)
             for container in (c for c in containers if c.service == scenario.client_service(group)):
@@ -221,20 +230,28 @@ class CaseRunner:
             self._wait_shaped(lab, clients, deadline)
         workload_started = time.monotonic()
         self.progress(f"running {len(clients)} client container(s)")
-        while True:
-            now = time.monotonic()
-            while steps and now - workload_started >= steps[0].at_s:
-                self._apply_step(lab, steps.pop(0))
-            running = [r for r in clients if r.running()]
-            if not running:
-                break
-            if now >= deadline:
-                for role in running:
-                    role.stop()
-                return _Outcome("timeout", f"the case ran past its timeout of {experiment.timeout_s:g} s; "
-                                           f"still running: {', '.join(r.container.name for r in running)}")
-            # Wakes as soon as that role ends, not at the next poll.
-            running[0].wait(min(POLL_S, max(0.01, deadline - now)))
+        running = clients
+        with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
+            while True:
+                now = time.monotonic()
+                while steps and now - workload_started >= steps[0].at_s:
+                    self._apply_step(lab, steps.pop(0))
+                # A role that ended stays ended: only the others are asked again, side by side (one
+                # round trip each: fifty in a row after a `compose up` of fifty clients add up).
+                running = [r for r, alive in zip(running, pool.map(lambda r: r.running(), running)) if alive]
+                if not running:
+                    break
+                if now >= deadline:
+                    for role in running:
+                        role.stop()
+                    # A stopped client prints what it did as it ends: it is collected once it has.
+                    stopped_by = time.monotonic() + SERVER_STOP_S
+                    for role in running:
+                        role.wait(max(0.0, stopped_by - time.monotonic()))
+                    return _Outcome("timeout", f"the case ran past its timeout of {experiment.timeout_s:g} s; "
+                                               f"still running: {', '.join(r.container.name for r in running)}")
+                # Wakes as soon as that role ends, not at the next poll.
+                running[0].wait(min(POLL_S, max(0.01, deadline - now)))
         return _Outcome("ok")
 
     def _wait_shaped(self, lab: Lab, roles: list[RoleHandle], deadline: float) -> None:
@@ -261,13 +278,6 @@ class CaseRunner:
     def _collect(self, lab: Lab, case: Case, repetition: int, roles: list[RoleHandle],
                  outcome: _Outcome, wall_s: float) -> dict:
         self.progress("collecting results")
-        for role in roles:
-            if _is_server(role):
-                try:
-                    role.stop()
-                    role.wait(SERVER_STOP_S)
-                except ContainerGone:
-                    pass  # nothing left to stop; the case says why it failed
         # delay_line: the userspace backend's counters per container (null under netem);
         # mtu: the lab device's, from the server's link report.
         link = {"backend": None, "applied": {}, "qdisc": {}, "delay_line": {}, "mtu": None}
@@ -277,6 +287,13 @@ class CaseRunner:
 
         def fetch(role: RoleHandle) -> tuple[RoleOutcome, Program | None, bytes | None, bytes | None,
                                              dict[str, bytes]]:
+            if _is_server(role):
+                # Stopped here, while the clients' files are fetched: it prints its result as it ends.
+                try:
+                    role.stop()
+                    role.wait(SERVER_STOP_S)
+                except ContainerGone:
+                    pass  # nothing left to stop; the case says why it failed
             config = _config_of(case, role)
             program = config.program if config is not None else None
             trace = lab.read_file(role.container, scenario.TRACE_PATH) \
@@ -303,9 +320,13 @@ class CaseRunner:
             return ended, program, trace, capture, outputs
 
         # One engine round trip per container and file: fetched side by side, so
-        # that collecting fifty containers does not take fifty times as long.
+        # that collecting fifty containers does not take fifty times as long. The
+        # server's first, as its stop takes longest.
         with ThreadPoolExecutor(max_workers=COLLECT_WORKERS) as pool:
-            fetched = list(pool.map(fetch, roles))
+            order = sorted(range(len(roles)), key=lambda i: not _is_server(roles[i]))
+            pending = {i: pool.submit(fetch, roles[i]) for i in order}
+            fetched = [pending[i].result() for i in range(len(roles))]
+        self.progress("writing the results into the run directory")
         outcomes = [ended for ended, *_ in fetched]
         measured = {}  # each probing client container's link, judged (see labkit.linkcheck)
         for role, (ended, program, trace, capture_data, outputs) in zip(roles, fetched):
@@ -345,6 +366,7 @@ class CaseRunner:
             clients.append(records.client_record(group, replica, result, trace=trace_file))
         status, error = self._judge(outcome, outcomes)
         link["backend"] = link["backend"] or "none"
+        measured = self._kept_measurement(case, repetition, measured)
         if measured:
             link["measured"] = measured
             if case.experiment.verify == "strict" and status == "ok":
@@ -360,6 +382,19 @@ class CaseRunner:
         if nodes:
             record["nodes"] = nodes
         return record
+
+    def _kept_measurement(self, case: Case, repetition: int, measured: dict) -> dict:
+        """The links of a case in kept containers: the first case's measurement keeps for the
+        lab, and each later case carries it, saying which case measured it."""
+        kept = self.kept
+        if kept is None or not self.reuse:
+            return measured
+        if kept.measured_in is None:
+            if measured:
+                kept.measured, kept.measured_in = measured, f"{case.id} r{repetition}"
+            return measured
+        return measured or {key: {**judged, "measured_in": kept.measured_in}
+                            for key, judged in kept.measured.items()}
 
     def _capture(self, case: Case, repetition: int, key: str, said: Mapping | None,
                  data: bytes | None) -> dict | None:

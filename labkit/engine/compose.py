@@ -29,7 +29,7 @@ import yaml
 from .. import proc
 from ..compose import COMPOSE_FILE, READY_SERVICE, ComposeProject
 from .base import LAB_LABEL, Finding, LabContainer, LabObject, RoleHandle, entry_command
-from .errors import EngineError, ImageBuildFailed, StartFailed
+from .errors import EngineError, ImageBuildFailed, LabEngineError, StartFailed
 
 BUILD_PROJECT = "socklab-build"
 PROBE_PROJECT = "socklab-doctor"
@@ -91,12 +91,23 @@ class ContainerRole:
 
     api: Any  # DockerAPI
     container: LabContainer
+    # Its state once it has exited: a main process without a restart policy ends once, so a
+    # case of fifty clients asks no more after that (the drive's last poll, then the collection).
+    _exited: dict | None = field(default=None, init=False, repr=False, compare=False)
+
+    def _state(self) -> dict:
+        if self._exited is not None:
+            return self._exited
+        state = self.api.state(self.container)
+        if state.get("Status") in ("exited", "dead"):
+            self._exited = state
+        return state
 
     def running(self) -> bool:
-        return bool(self.api.state(self.container).get("Running"))
+        return bool(self._state().get("Running"))
 
     def exit_code(self) -> int | None:
-        state = self.api.state(self.container)
+        state = self._state()
         return None if state.get("Running") else state.get("ExitCode")
 
     def stop(self) -> None:
@@ -201,6 +212,15 @@ class ComposeLab(SdkContainers):
         return [c for c in self.api.containers(self.name, service) if c.service != READY_SERVICE]
 
     def down(self) -> None:
+        # Through the SDK: `compose down` costs a command's start and stops each container before
+        # removing it, several times as long for a lab whose roles have ended. Compose is the way
+        # out when something is left (a container an interrupted `up` created meanwhile).
+        try:
+            self.api.remove_project(self.name)
+            if not self.api.containers(self.name):
+                return
+        except LabEngineError:
+            pass
         self.project.down()
 
 

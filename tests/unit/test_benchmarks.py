@@ -223,6 +223,20 @@ def test_merge_goes_into_the_full_results_only():
         "bench/run.py: --merge goes into the full results file: drop --quick and --out"]
 
 
+def test_keep_is_a_full_run_and_refuses_a_partial_one_in_one_sentence():
+    import subprocess
+
+    for extra in (["--quick"], ["--only", "echo"], ["--merge"]):
+        done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--keep", "swarm", *extra],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, extra
+        assert done.stderr.strip().splitlines() == [
+            "bench/run.py: --keep is a full run: drop --only, --merge, --quick and --out"]
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--keep", "swarms"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "'swarms' is not a benchmark" in done.stderr
+
+
 def test_a_section_measured_apart_says_when_and_where(results):
     apart = {name: b for name, b in results["benchmarks"].items() if "environment" in b}
     assert apart, "the committed run has no section measured apart (run.py --merge)"
@@ -230,3 +244,42 @@ def test_a_section_measured_apart_says_when_and_where(results):
     for bench in apart.values():
         env = bench["environment"]
         assert f"Measured apart from the rest of this file: {env['when']} (git {env['git_revision']})" in text
+
+
+def test_overhead_times_each_phase_by_the_runners_messages_and_renders_the_breakdown():
+    import overhead
+
+    clock = overhead.PhaseClock()
+    for text in ("starting the server, then client-load", "starting the server", "starting client-load",
+                 "running 2 client container(s)", "collecting results", "writing the results into the run directory",
+                 "tearing down", "at 1 s: link of server -> rate=1mbit"):
+        clock(text)
+    assert [phase for _, phase in clock.marks] == ["start containers", "start server", "start clients", "run",
+                                                   "collect", "write results", "tear down"]
+    clock.marks = [(0.0, "define"), (0.1, "start containers"), (1.1, "run"), (1.6, "collect"), (1.9, "tear down"),
+                   (2.2, "end"), (5.0, "define"), (5.1, "start containers"), (6.0, "run"), (6.5, "end")]
+    assert clock.seconds_by_phase(6) == {"define": 0.1, "start containers": 0.9, "run": 0.5}
+    assert clock.seconds_by_phase()["run"] == 1.0
+
+    def row(replicas, repetition, outside, run):
+        return {"replicas": replicas, "repetition": repetition, "case_s": outside + 0.01, "outside_s": outside,
+                "bare_up_down_s": 1.5, "seconds_by_phase": {"define": 0.0, "start containers": 1.0, "run": run,
+                                                            "probe": 0.0, "workload": 0.01},
+                "reference_by_phase": {"bare up": 1.0, "bare down": 0.5}}
+
+    figures = [{"id": "overhead.case.1"}, {"id": "overhead.case.10"}, {"id": "overhead.sweep.reuse"}]
+    rows = [row(1, 1, 1.6, 0.4), row(1, 2, 1.8, 0.6), row(1, 3, 1.7, 0.5), row(10, 1, 4.0, 0.7)]
+    sweeps = [{"reuse": True, "wall_s": 80.0, "workload_s": 72.0,
+               "seconds_by_phase": {"start server": 2.0, "run": 76.0, "probe": 3.0, "workload": 72.0}}]
+    cases, sweep = overhead.breakdown(figures, rows, sweeps)
+    assert cases["columns"] == ["overhead.case.1", "overhead.case.10"]
+    by_label = dict((label, values) for label, values in cases["rows"])
+    assert by_label[overhead.PHASE_LABELS["run"]] == [0.5, 0.7]  # the median over the repetitions
+    assert by_label[overhead.PHASE_LABELS["bare down"]] == [0.5, 0.5]
+    assert by_label["**outside the workload** (the figure)"] == [1.7, 4.0]
+    assert sweep["columns"] == ["overhead.sweep.reuse"] and ["**outside the workloads**", [8.0]] in sweep["rows"]
+
+    text = "\n".join(render.breakdown_tables({"breakdown": [cases, sweep]}))
+    assert "| | `overhead.case.1` | `overhead.case.10` |\n|---|---|---|" in text
+    assert f"| {overhead.PHASE_LABELS['run']} | 0.5 s | 0.7 s |" in text
+    assert render.breakdown_tables({}) == []

@@ -97,3 +97,45 @@ def test_a_wait_that_outlasts_a_slow_engines_read_timeout_means_still_running():
 
     running = LabContainer("x", "p-server-1", "server", 1)
     assert DockerAPI(Client()).wait(running, 0.2) is None
+
+
+def test_a_projects_containers_are_listed_in_one_request_and_it_is_removed_containers_first():
+    removed = []
+    project = {"com.docker.compose.project": "p"}
+    listed = [
+        {"Id": "id-s", "Names": ["/p-server-1"],
+         "Labels": {**project, "com.docker.compose.service": "server", "com.docker.compose.container-number": "1"}},
+        *({"Id": f"id-c{n}", "Names": [f"/p-client-load-{n}"],
+           "Labels": {**project, "com.docker.compose.service": "client-load",
+                      "com.docker.compose.container-number": str(n)}} for n in (2, 1)),
+    ]
+    requests = []
+
+    class ByValue(_Collection):  # filters by "key=value", as the engine does
+        def list(self, all=False, filters=None):
+            (label,) = filters["label"]
+            return [o for o in self.objects.values() if label in {f"{k}={v}" for k, v in o.attrs["Labels"].items()}]
+
+    class Client:
+        networks = ByValue([_Object("p_lab", project, removed, attrs=True)])
+        volumes = ByValue([_Object("p_results", project, removed, attrs=True)])
+
+        class containers:  # no high-level listing: it would inspect each container it lists
+            @staticmethod
+            def get(key):
+                return _Object(next(c["Names"][0][1:] for c in listed if c["Id"] == key), {}, removed)
+
+        class api:
+            @staticmethod
+            def containers(all=False, filters=None):
+                requests.append(filters)
+                return [c for c in listed
+                        if all and set(filters["label"]) <= {f"{k}={v}" for k, v in c["Labels"].items()}]
+
+    api = DockerAPI(Client())
+    assert [(c.name, c.service, c.number) for c in api.containers("p")] == [
+        ("p-client-load-1", "client-load", 1), ("p-client-load-2", "client-load", 2), ("p-server-1", "server", 1)]
+    assert [c.id for c in api.containers("p", "server")] == ["id-s"] and len(requests) == 2
+    api.remove_project("p")
+    assert sorted(name for name, _ in removed[:3]) == ["p-client-load-1", "p-client-load-2", "p-server-1"]
+    assert removed[3:] == [("p_lab", {}), ("p_results", {"force": True})]

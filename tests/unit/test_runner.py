@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 import time
 from types import SimpleNamespace
 
@@ -17,8 +18,10 @@ from labkit.matrix import expand_cases
 from labkit.rundir import RunDir
 from labkit.runner import CaseRunner
 from socklab.entry import ENV_KEEP
+from socklab.linkprobe import ENV_PROBE
 
-from .fake_engine import FakeContainer, FakeEngine, FakeRole, Script, client_line, failure_line, link_line, real_like
+from .fake_engine import (FakeContainer, FakeEngine, FakeRole, Script, client_line, failure_line, line, link_line,
+                          real_like)
 
 EXPERIMENT = """
 name: fake
@@ -262,6 +265,38 @@ def test_reuse_shares_one_lab_while_cases_share_containers_and_starts_roles_afre
     assert len(list(rundir.traces.iterdir())) == 6
 
 
+def test_reuse_probes_the_kept_links_in_the_first_case_and_later_cases_carry_that_measurement(rundir):
+    probe = line("probe", expected={"rtt_ms": 0.0}, rtt_ms={"median": 0.2, "sent": 10, "received": 10})
+
+    started: list[str] = []
+
+    def probing(container, argv):
+        # As the entrypoint does with ENV_PROBE empty: the later cases' clients print no probe.
+        script = real_like(container, argv)
+        if argv[0] == "client":
+            started.append(container.name)
+            if len(started) <= 2:
+                script.stdout = [*script.stdout, probe]
+        return script
+
+    engine = FakeEngine(probing)
+    run = runner(engine, rundir, reuse=True)
+    try:
+        first, *later = [run.run(case, 0) for case in cases(REUSED)]
+        (lab,) = engine.labs
+        clients = [r.env for r in lab.roles if r.argv[0] == "client"]
+    finally:
+        run.close()
+    # Only the first case's clients probe; the later ones are told not to.
+    assert clients == [{ENV_KEEP: "1"}] * 2 + [{ENV_KEEP: "1", ENV_PROBE: ""}] * 4
+    assert set(first["link"]["measured"]) == {"sender", "sender#1"} and first["link_ok"] is True
+    assert all("measured_in" not in judged for judged in first["link"]["measured"].values())
+    for record in later:
+        assert record["link"]["measured"] == {key: {**judged, "measured_in": f"{first['case']} r0"}
+                                              for key, judged in first["link"]["measured"].items()}
+        assert record["link_ok"] is True
+
+
 def test_reuse_takes_a_new_lab_after_a_failure_and_when_the_containers_differ(rundir):
     def failing_select(container, argv):
         script = real_like(container, argv)
@@ -305,3 +340,94 @@ def test_reuse_drops_a_lab_whose_server_container_vanished(rundir):
     assert [r["status"] for r in records] == ["ok", "failed", "ok"]
     assert "disappeared while its case ran" in records[1]["error"]
     assert len(engine.labs) == 2 and engine.downs == [lab.name for lab in engine.labs]
+
+
+def test_the_server_is_stopped_while_the_clients_are_collected(rundir):
+    """The server's stop takes longest: the clients' files are fetched meanwhile, not after it."""
+    client_read = threading.Event()
+    waited: list[bool] = []
+
+    class SlowStop(FakeEngine):
+        def create(self, *args, **kwargs):
+            lab = super().create(*args, **kwargs)
+            read_file = lab.read_file
+
+            def reading(container, path):
+                if container.service != "server":
+                    client_read.set()
+                return read_file(container, path)
+            lab.read_file = reading
+            return lab
+
+    engine = SlowStop()
+    (case,) = cases()
+    run = runner(engine, rundir)
+    real_wait = FakeRole.wait
+
+    def wait(role, timeout_s):
+        if role.argv[0] == "server":  # it ends only once a client's files are being fetched (or after 2 s)
+            waited.append(client_read.wait(2.0))
+        real_wait(role, timeout_s)
+
+    FakeRole.wait = wait
+    try:
+        record = run.run(case, 0)
+    finally:
+        FakeRole.wait = real_wait
+    assert record["status"] == "ok" and record["server"]["bytes_received"] == 1000
+    assert waited == [True]
+    assert run.phases[-3:] == ["collecting results", "writing the results into the run directory", "tearing down"]
+
+
+def test_a_client_that_ended_is_not_asked_again(rundir):
+    def one_slow(container, argv):
+        script = real_like(container, argv)
+        if argv[0] == "client" and container.number == 2:
+            script.duration_s = 0.7
+        return script
+
+    asked_after_end: dict[str, int] = {}
+    real_running = FakeRole.running
+
+    def running(role):
+        if role.ended_at is not None:
+            asked_after_end[role.container.name] = asked_after_end.get(role.container.name, 0) + 1
+        return real_running(role)
+
+    engine = FakeEngine(one_slow)
+    (case,) = cases()
+    FakeRole.running = running
+    try:
+        record = runner(engine, rundir).run(case, 0)
+    finally:
+        FakeRole.running = real_running
+    assert record["status"] == "ok"
+    (lab,) = engine.labs
+    # The slow one keeps the drive polling (every 0.2 s); the quick one is asked no more once it is seen ended.
+    assert asked_after_end.get(f"{lab.name}-client-sender-1", 0) <= 1
+
+
+def test_a_compose_lab_comes_down_through_the_sdk_and_by_compose_when_something_is_left(tmp_path):
+    class Api:
+        def __init__(self, left=(), error=None):
+            self.left, self.error, self.removed = list(left), error, []
+
+        def remove_project(self, name):
+            self.removed.append(name)
+            if self.error:
+                raise LabEngineError(self.error)
+
+        def containers(self, name, service=None):
+            return self.left
+
+    class Project(ComposeProject):
+        downs = 0
+
+        def down(self):
+            self.downs += 1
+
+    for api, by_compose in ((Api(), 0), (Api(left=[LabContainer("i", "p-client-1", "client", 1)]), 1),
+                            (Api(error="Docker could not remove p_lab: it has active endpoints"), 1)):
+        project = Project("p")
+        ComposeLab(api, project).down()
+        assert api.removed == ["p"] and project.downs == by_compose
