@@ -15,7 +15,7 @@ HEADLINE: list[tuple[str, str]] = [
     ("overhead.sweep.reuse", "a 12-case sweep with `--reuse`, wall time against its workloads"),
     ("echo.best_nonblocking.100", "echo req/s of the best non-blocking server at 100 connections, "
                                   "against a minimal asyncio server"),
-    ("scale.epoll.held", "idle connections the epoll server holds, against the C10K line"),
+    ("scale.epoll.held", "idle connections the epoll server holds, against the C100K line"),
     ("vm.link.rtt.netem.50ms", "round trip over 50 ms each way with netem (Debian's stock kernel in an emulated VM), "
                                "against the configured one"),
     ("vm.link.goodput.netem.10mbit_20ms.lab", "the lab's bulk client through 10 Mbit/s and 20 ms each way on netem "

@@ -22,7 +22,16 @@ COMPOSE_FILE = REPO_ROOT / "compose.yaml"
 # compose.yaml's services: the server, and the gate that exits 0 once it listens.
 SERVER_SERVICE = "server"
 READY_SERVICE = "server-ready"
-__all__ = ["COMPOSE_FILE", "ComposeProject", "LAB_LABEL", "REPO_ROOT"]
+# The descriptors (RLIMIT_NOFILE, soft and hard) the lab asks for a container whose
+# processes hold many connections, one descriptor each: Linux's default fs.nr_open,
+# the most a process can be given. An engine may grant less (DockerAPI.nofile_allowed).
+NOFILE_WANTED = 1_048_576
+__all__ = ["COMPOSE_FILE", "ComposeProject", "LAB_LABEL", "NOFILE_WANTED", "REPO_ROOT", "nofile_ulimits"]
+
+
+def nofile_ulimits(limit: int) -> dict:
+    """A Compose service's keys that give its processes ``limit`` descriptors, soft and hard."""
+    return {"ulimits": {"nofile": {"soft": limit, "hard": limit}}}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from socklab.capture import CAPTURE_PATH, ENV_CAPTURE, CaptureSettings
 from socklab.shaping.commands import DEFAULT_STATE_PATH
 from socklab.errors import UsageError
 
-from .compose import COMPOSE_FILE, LAB_LABEL, READY_SERVICE, SERVER_SERVICE
+from .compose import COMPOSE_FILE, LAB_LABEL, READY_SERVICE, SERVER_SERVICE, nofile_ulimits
 from .config import ClientGroup, Experiment, LinkConfig, Program, Workload
 from .matrix import expand_cases
 
@@ -185,7 +185,8 @@ def client_argv(group: ClientGroup, *, trace: bool = True, lab_server: bool = Tr
 
 
 def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True,
-                     owner: Mapping[str, str] | None = None, programs_dir: Path | None = None) -> dict[str, Any]:
+                     owner: Mapping[str, str] | None = None, programs_dir: Path | None = None,
+                     nofile: int | None = None) -> dict[str, Any]:
     """The Compose override file that turns compose.yaml into this case's lab.
 
     ``owner``: labels naming the run that owns the objects (see labkit.owner);
@@ -193,6 +194,9 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
     leaves a live run's objects alone. ``programs_dir``: the directory mounted
     read-only where a role runs a program of the user's (the run directory's
     copy; the experiment's own program root when not given, as in a dry run).
+    ``nofile``: the descriptors every role's container is given, soft and hard
+    (what the engine allows, see DockerAPI.nofile_allowed); the engine's default
+    when not given.
     """
     def labels() -> dict[str, str]:
         return {LAB_LABEL: "true", CASE_LABEL: case_id}
@@ -203,6 +207,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
         source = programs_dir if programs_dir is not None else experiment.program_dir
         return {"volumes": [{"type": "bind", "source": str(source), "target": PROGRAMS_MOUNT, "read_only": True}]}
 
+    limits = nofile_ulimits(nofile) if nofile is not None else {}
     services: dict[str, Any] = {
         SERVER_SERVICE: {
             "command": server_argv(experiment),
@@ -212,6 +217,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "labels": labels(),
             **placement(experiment.server.placement),
             **mounts(experiment.server.program),
+            **limits,
         },
         READY_SERVICE: {"labels": labels()},
     }
@@ -226,6 +232,7 @@ def compose_override(experiment: Experiment, case_id: str, *, trace: bool = True
             "depends_on": {READY_SERVICE: {"condition": "service_completed_successfully"}},
             "deploy": {"replicas": group.replicas, **placement(group.placement).get("deploy", {})},
             **mounts(group.program),
+            **limits,
         }
     return owned({"services": services}, owner)
 

@@ -2,16 +2,18 @@
 
     python3 bench/echo [--quick]      (or: python3 bench/run.py --only echo)
 
-Capacity: for 1, 10, 100 and 1,000 connections, the lab's own client (one
-process in poll mode, the one that spends the least CPU per round trip, in a
-client container on an unshaped link) runs 1 KiB round trips against each
-server mode of the lab and, back to back, against the reference: a minimal
+Capacity: for 1, 10, 100 and 1,000 connections, the lab's own client (poll
+mode, the one that spends the least CPU per round trip, in a client container
+on an unshaped link; the connections split over up to four processes started
+together, so that no client process is what sets the pace) runs 1 KiB round
+trips against each server mode of the lab and, back to back, against the
+reference: a minimal
 asyncio echo server written for the benchmark (bench/reference_echo.py, run in
 a server container of the same image). Which of the two goes first alternates
 from point to point, so drift on a shared host hits both; each figure's ratio
-is taken pairwise. Requests/s is the client's completed round trips over its
-own wall time (connects and the closing EOF included, as a user waits for
-them too). The lab's servers receive 64 KiB at a time, as the reference's
+is taken pairwise. Requests/s is the clients' completed round trips over the
+longest one's wall time (connects and the closing EOF included, as a user
+waits for them too). The lab's servers receive 64 KiB at a time, as the reference's
 transport does 256 KiB (see roles.SERVER_RECV_SIZE).
 
 Every point of one server mode and repetition is served by one lab server
@@ -41,9 +43,10 @@ from socklab.servers import MODES
 from .calibration import calibration_details
 from .containers import ClientContainer, ServerContainer
 from .explanations import shortfall_details
-from .figures import LOAD_NOTE, best_nonblocking_figure, mode_figure
+from .figures import LOAD_NOTE, best_nonblocking_figure, cpu_per_round_trip_figure, mode_figure
 from .measurement import CONNECTIONS, QUICK_CONNECTIONS, QUICK_ROUND_TRIPS, REPETITIONS, ROUND_TRIPS, measure_all
-from .roles import CLIENT_MODE, CLIENT_MODE_WHY, REQUEST_SIZE, lab_server_options, reference_command
+from .roles import (CLIENT_MODE, CLIENT_MODE_WHY, CLIENT_PROCESSES, REQUEST_SIZE, lab_server_options,
+                    reference_command)
 
 
 def run(quick: bool, log: Log) -> dict:
@@ -54,8 +57,10 @@ def run(quick: bool, log: Log) -> dict:
     repetitions = 1 if quick else REPETITIONS
     started = time.monotonic()
     details: dict = {"notes": [LOAD_NOTE], "client_mode": CLIENT_MODE, "client_mode_why": CLIENT_MODE_WHY,
+                     "client_processes_at_most": CLIENT_PROCESSES,
                      "request_size": REQUEST_SIZE,
-                     "round_trips_per_point": round_trips, "repetitions": repetitions,
+                     "round_trips_per_point": {str(n): round_trips[n] for n in connections_list},
+                     "repetitions": repetitions,
                      "lab_server_options": lab_server_options(), "reference_source": "bench/reference_echo.py"}
     # The containers go before the project does (the stack unwinds first).
     with bench_lab(prefix="socklab-bench-echo") as lab, ExitStack() as cleanup:
@@ -72,6 +77,7 @@ def run(quick: bool, log: Log) -> dict:
         for n in connections_list:
             fig, best_modes[n] = best_nonblocking_figure(n, points)
             figures.append(fig)
+        figures += [cpu_per_round_trip_figure(n, points, best_modes[n]) for n in connections_list]
         details["best_nonblocking_mode"] = best_modes
         details.update(shortfall_details(lab, client, figures, best_modes, points, round_trips, log))
     details["points"] = points

@@ -1,6 +1,6 @@
 """Which client mode drives the echo benchmark's load: the candidates measured against the reference.
 
-One client process drives every point (roles.CLIENT_MODE, and why); the full
+One client mode drives every point (roles.CLIENT_MODE, and why); the full
 run measures every candidate again at the two ends of the range and records
 which was cheapest, since a shared host can rank them either way.
 """
@@ -12,7 +12,7 @@ import math
 from common import Log
 
 from .containers import ClientContainer, ServerContainer
-from .measurement import QUICK_ROUND_TRIPS, client_measurement, median
+from .measurement import CALIBRATION_ROUND_TRIPS, client_measurement, median
 from .roles import client_command
 
 # Every non-blocking client mode at the two ends of the range; the blocking
@@ -25,7 +25,7 @@ def calibrate_client(client: ClientContainer, reference: ServerContainer, log: L
     """Candidate client modes against the reference, alternating: CPU per round trip and req/s of each."""
     rows = []
     for connections, modes in CALIBRATION:
-        requests = math.ceil(QUICK_ROUND_TRIPS / connections)
+        requests = math.ceil(CALIBRATION_ROUND_TRIPS / connections)
         runs: dict[str, list[dict]] = {mode: [] for mode in modes}
         for round_ in range(CALIBRATION_ROUNDS):
             for mode in modes if round_ % 2 == 0 else modes[::-1]:

@@ -99,6 +99,11 @@ class ClientContainer(Container):
 
     def client(self, command: str, timeout_s: float = 600) -> tuple[dict | None, str]:
         """Run one client (a shell command) as the workload user; its result line, and its output's end."""
+        results, output = self.clients(command, timeout_s)
+        return (results[0] if results else None), output
+
+    def clients(self, command: str, timeout_s: float = 600) -> tuple[list[dict], str]:
+        """Run clients (a shell command, see roles.load_command) as the workload user; every client's
+        result line, and the output's end."""
         _, output = exec_in(self.container, ["sh", "-c", command], user=WORKLOAD_USER, timeout_s=timeout_s)
-        result = next((r for r in find_results(output) if r.get("role") == "client"), None)
-        return result, output[-300:]
+        return [r for r in find_results(output) if r.get("role") == "client"], output[-300:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Mapping
 
 from common import Log
 from labkit.compose import ComposeProject
@@ -17,16 +18,19 @@ from socklab.results import find_results
 from socklab.servers import MODES
 
 from .containers import ClientContainer, ServerContainer
-from .roles import client_command, lab_server_command
+from .roles import client_split, lab_server_command, load_command
 
 CONNECTIONS = (1, 10, 100, 1000)
 QUICK_CONNECTIONS = (1, 100)
-# Round trips per point, whatever the connection count: at the 15-30 k req/s
-# measured here about 2 s of load (1 s in --quick), long enough that the
-# connects and the interpreter's start are a small part of it, short enough
-# for the suite's time budget (on a busy host a point takes longer, not fewer).
-ROUND_TRIPS = 40_000
-QUICK_ROUND_TRIPS = 24_000
+# Round trips per point, by connection count: about 1 s of load each on a quiet
+# host (at 1 connection 25-35 k req/s, from 10 on, the split load, 40-80 k), long
+# enough that the connects, the interpreter's start and the few milliseconds
+# between the client processes' starts are a small part of it, short enough for
+# the suite's time budget (on a busy host a point takes longer, not fewer).
+ROUND_TRIPS = {1: 30_000, 10: 40_000, 100: 60_000, 1000: 60_000}
+QUICK_ROUND_TRIPS = {1: 20_000, 100: 40_000}
+# One client process per run when the client modes are compared (calibration).
+CALIBRATION_ROUND_TRIPS = 24_000
 REPETITIONS = 3
 
 
@@ -56,17 +60,56 @@ def client_measurement(result: dict | None, connections: int, requests: int) -> 
     return measured
 
 
+def load_measurement(results: list[dict], split: list[int], requests: int) -> dict:
+    """The client processes of a split load (``split``: each one's connections) as one run.
+
+    Requests/s is every process's round trips over the longest one's wall time
+    (they start together); ``client_cpu_share`` is the busiest process's share
+    of its own wall time, each one's in ``client_cpu_shares``. An error when a
+    process printed no result or did not complete its run.
+    """
+    each = [client_measurement(r, n, requests) for r, n in zip(results, split)]
+    each += [client_measurement(None, n, requests) for n in split[len(results):]]
+    measured = [m for m in each if m.get("wall_s")]
+    shares = [m["client_cpu_share"] for m in measured if m.get("client_cpu_share") is not None]
+    round_trips = sum(m.get("round_trips") or 0 for m in each)
+    wall_s = max((m["wall_s"] for m in measured), default=None)
+    combined = {
+        "req_per_s": round(round_trips / wall_s, 1) if wall_s else None,
+        "round_trips": round_trips, "wall_s": wall_s, "client_processes": len(split),
+        "client_cpu_s": round(sum(m.get("client_cpu_s") or 0 for m in each), 3),
+        "client_cpu_share": max(shares, default=None), "client_cpu_shares": shares,
+        "client_requests_per_s": round(sum(m.get("client_requests_per_s") or 0 for m in each), 1),
+        "latency_ms_by_client": [m.get("latency_ms") for m in each],
+        "bytes_accepted": sum(m.get("bytes_accepted") or 0 for m in each),
+    }
+    errors = [f"client {i + 1} of {len(split)}: {m['error']}" for i, m in enumerate(each) if "error" in m]
+    if errors:
+        combined["error"] = "; ".join(errors)[:400]
+    return combined
+
+
+def server_cpu_per_round_trip_us(cpu_s: float, round_trips: int) -> float | None:
+    """Microseconds of server CPU per round trip (None without round trips)."""
+    return round(cpu_s / round_trips * 1e6, 1) if round_trips else None
+
+
 def measure(client: ClientContainer, server: ServerContainer, connections: int, requests: int) -> dict:
-    """One client run against ``server``: what the client measured and the server's CPU for it."""
+    """One split load (roles.load_command) against ``server``: what the clients measured and the server's CPU.
+
+    The server's CPU is read from its container's /proc before and after the
+    load, so it covers the clients' connects, round trips and EOFs.
+    """
+    split = client_split(connections)
     before = server.cpu_s()
-    result, output = client.client(client_command(server.name, connections, requests))
+    results, output = client.clients(load_command(server.name, connections, requests))
     cpu = server.cpu_s() - before
-    m = client_measurement(result, connections, requests)
-    if result is None:
+    m = load_measurement(results, split, requests)
+    if len(results) < len(split):
         m["error"] += f": {output}"
     m["server_cpu_s"] = round(cpu, 2)
     if m.get("round_trips"):
-        m["server_cpu_us_per_round_trip"] = round(cpu / m["round_trips"] * 1e6, 1)
+        m["server_cpu_us_per_round_trip"] = server_cpu_per_round_trip_us(cpu, m["round_trips"])
     return m
 
 
@@ -92,14 +135,15 @@ def check_server(result: dict | None, points: list[dict]) -> str | None:
 
 
 def serve_block(lab: ComposeProject, client: ClientContainer, reference: ServerContainer, mode: str,
-                repetition: int, connections_list: tuple[int, ...], round_trips: int, first_flip: bool,
+                repetition: int, connections_list: tuple[int, ...], round_trips: Mapping[int, int],
+                first_flip: bool,
                 log: Log) -> tuple[list, dict]:
     """Every point of one server mode in one repetition, on one lab server container."""
     server = ServerContainer(lab, f"{lab.name}-{mode}-r{repetition}", lab_server_command(mode))
     points = []
     try:
         for i, connections in enumerate(connections_list):
-            requests = math.ceil(round_trips / connections)
+            requests = math.ceil(round_trips[connections] / connections)
             pair = measure_pair(client, reference, server, connections, requests, lab_first=(i % 2 == 0) != first_flip)
             point = {"mode": mode, "connections": connections, "repetition": repetition,
                      "requests_per_connection": requests, **pair}
@@ -124,7 +168,8 @@ def serve_block(lab: ComposeProject, client: ClientContainer, reference: ServerC
 def _show(m: dict) -> str:
     if "error" in m:
         return f"FAILED ({m['error'][:120]})"
-    return (f"{m['req_per_s']:8.0f} req/s (client CPU {m['client_cpu_share']:.0%}, "
+    return (f"{m['req_per_s']:8.0f} req/s (busiest of {m['client_processes']} clients' CPU "
+            f"{m['client_cpu_share']:.0%}, "
             f"server {m.get('server_cpu_us_per_round_trip', float('nan')):.1f} µs CPU/round trip)")
 
 
@@ -139,7 +184,7 @@ def median(values: list[float]) -> float | None:
 
 
 def measure_all(lab: ComposeProject, client: ClientContainer, reference: ServerContainer,
-                connections_list: tuple[int, ...], round_trips: int, repetitions: int,
+                connections_list: tuple[int, ...], round_trips: Mapping[int, int], repetitions: int,
                 log: Log) -> tuple[list[dict], list[dict]]:
     """Every point of every server mode and repetition, and each lab server's own account."""
     points, servers = [], []

@@ -12,8 +12,8 @@ from labkit.compose import ComposeProject
 from labkit.scenario import SERVER_PORT as PORT
 
 from .containers import ClientContainer, ServerContainer
-from .measurement import client_measurement
-from .roles import REFERENCE_SOURCE, client_command, lab_server_command
+from .measurement import load_measurement
+from .roles import REFERENCE_SOURCE, client_split, lab_server_command, load_command
 
 PROFILE_TOP = 10
 # Calls into the kernel in a profile: socket methods and the pollers' waits.
@@ -53,10 +53,10 @@ def profile_pair(lab: ComposeProject, client: ClientContainer, mode: str, connec
     for kind, args in (("lab", lab_server_command(mode)[1:]), ("reference", [REFERENCE_SOURCE, str(PORT)])):
         server = ServerContainer(lab, f"{lab.name}-profile-{kind}", ["exec", *probe_command("profile_server", kind, *args)])
         try:
-            result, _ = client.client(client_command(server.name, connections, requests))
+            results, _ = client.clients(load_command(server.name, connections, requests))
         finally:
             out = server.stop()
-        m = client_measurement(result, connections, requests)
+        m = load_measurement(results, client_split(connections), requests)
         line = next((line for line in out.splitlines() if line.startswith("profile ")), None)
         if line is None or "error" in m:
             summary[kind] = {"error": m.get("error") or "the profiler printed nothing"}

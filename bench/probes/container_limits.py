@@ -1,4 +1,4 @@
-"""The kernel's and the container's limits that bound a thread or descriptor count: one JSON line.
+"""The kernel's and the container's limits that bound a thread, descriptor or connection count: one JSON line.
 
     python3 container_limits.py
 
@@ -7,6 +7,7 @@ v2 keep them in different places). Stdlib only.
 """
 
 import json
+import resource
 
 FILES = {
     "somaxconn": ("/proc/sys/net/core/somaxconn",),
@@ -15,6 +16,12 @@ FILES = {
     "kernel.pid_max": ("/proc/sys/kernel/pid_max",),
     "cgroup pids.max": ("/sys/fs/cgroup/pids/pids.max", "/sys/fs/cgroup/pids.max"),
     "cgroup memory limit": ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory.max"),
+    # What bounds connections once descriptors do not: the most a process may be given,
+    # the ports of one source address and the connection tracking table (the host's,
+    # shared by every container).
+    "fs.nr_open": ("/proc/sys/fs/nr_open",),
+    "ip_local_port_range": ("/proc/sys/net/ipv4/ip_local_port_range",),
+    "nf_conntrack_max": ("/proc/sys/net/netfilter/nf_conntrack_max",),
 }
 
 
@@ -28,8 +35,10 @@ def read(path):
 
 
 def limits():
-    """Every limit, from the first of its files that can be read."""
-    return {name: next((value for value in map(read, paths) if value), None) for name, paths in FILES.items()}
+    """Every limit, from the first of its files that can be read, and this process's descriptor limit."""
+    found = {name: next((value for value in map(read, paths) if value), None) for name, paths in FILES.items()}
+    found["RLIMIT_NOFILE"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    return found
 
 
 if __name__ == "__main__":

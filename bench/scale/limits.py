@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import statistics
 
 from socklab.servers import SELECT_MAX_CONNECTIONS
+
+from .plan import C100K, CONNECT_TIMEOUT_S, FD_SLACK, PER_CLIENT_CONTAINER, REFERENCE
 
 
 def _fd_limit(step: dict) -> int | None:
@@ -32,10 +35,10 @@ def why_stopped(step: dict, limits: dict) -> str:
                 f"descriptors; held {held} of {tried}{waiting}")
     fd_limit = _fd_limit(step)
     fds = step.get("fds")
-    if fd_limit and fds and fds >= fd_limit - 16:
+    if fd_limit and fds and fds >= fd_limit - FD_SLACK:
         return (f"held {held} of {tried}: the server process ran out of file descriptors ({fds} open of its "
-                f"RLIMIT_NOFILE {fd_limit}, the container's hard limit, set by the Docker daemon; one "
-                f"descriptor per connection){waiting}{_asyncio_at_limit(step)}")
+                f"RLIMIT_NOFILE {fd_limit}, {descriptor_cap(limits)}; one descriptor per "
+                f"connection){waiting}{_asyncio_at_limit(step)}")
     threads_failed = [line for line in step["server_stderr"] if "can't start new thread" in line]
     if threads_failed:
         return f"held {held} of {tried}: starting a thread failed: {threads_failed[0]}"
@@ -48,6 +51,75 @@ def why_stopped(step: dict, limits: dict) -> str:
     return (f"held {held} of {tried}, stopping without an error the probes could see (established "
             f"{step['established']}, accept queue {queue}, server CPU "
             f"{step.get('server_result', {}).get('cpu_s')} s): see the step's details")
+
+
+def descriptor_cap(limits: dict) -> str:
+    """Where the container's descriptor limit comes from: granted as the lab asked, or the engine's cap."""
+    granted, wanted, refusal = limits.get("nofile_granted"), limits.get("nofile_wanted"), limits.get("nofile_refusal")
+    if granted is None or wanted is None:
+        return "the container's hard limit, set by the Docker daemon"
+    if not refusal:
+        return f"the container's hard limit, {granted} as the lab asks (Compose ulimits nofile)"
+    # runc's message ends "...error setting rlimit type 7: operation not permitted: unknown".
+    short = re.search(r"error setting rlimit type \d+: [^:]+", refusal)
+    return (f"the container's hard limit: the lab asks for {wanted} (Compose ulimits nofile) and the engine refused "
+            f"({short.group(0) if short else refusal[-160:]}), so a container keeps the Docker daemon's own "
+            f"{granted}, which its runtime cannot raise without CAP_SYS_RESOURCE")
+
+
+def next_limits(steps: list[dict], limits: dict, goal: int) -> str:
+    """What bounds ``goal`` connections once descriptors do not, from the steps measured and the limits read."""
+    held = [s for s in steps if "error" not in s and s.get("held")]
+    if not held:
+        return ""
+    bounds = []
+    nearest = None  # (connections, what) of the bound that would be met first
+    most = max(held, key=lambda s: s["held"])
+    try:
+        conntrack = int(limits["nf_conntrack_max"])
+        tracked = (f"; at {most['held']} held the server's namespace tracked {most['conntrack_entries']}, "
+                   "connects still retrying included" if most.get("conntrack_entries") is not None else "")
+        bounds.append(f"connection tracking, nf_conntrack_max {conntrack} entries per network namespace (one "
+                      f"per connection: {goal} would fill {goal / conntrack:.0%}{tracked})")
+        nearest = (conntrack, "connection tracking")
+    except (KeyError, TypeError, ValueError):
+        pass
+    ports = (limits.get("ip_local_port_range") or "").split()
+    if len(ports) == 2:
+        per_address = int(ports[1]) - int(ports[0]) + 1
+        bounds.append(f"{per_address} ephemeral ports per client address towards one server port "
+                      f"(ip_local_port_range {ports[0]}-{ports[1]}), which the benchmark spreads over "
+                      f"{-(-goal // PER_CLIENT_CONTAINER)} client containers")
+    # The server's own memory per connection as measured at the most it held.
+    weighed = [s for s in held if s.get("kib_per_connection") and s["held"] >= 1000]
+    if weighed:
+        kib = max(weighed, key=lambda s: s["held"])["kib_per_connection"]
+        server_mib = kib * goal / 1024
+        memory = limits.get("cgroup memory limit")
+        capped = memory and memory.isdigit() and int(memory) < 2**60
+        if capped and (nearest is None or int(memory) / 1024 / kib < nearest[0]):
+            nearest = (int(int(memory) / 1024 / kib), "the container's memory limit")
+        bounds.append(f"memory: at {kib:.2f} KiB resident per connection the server would hold "
+                      f"{server_mib:.0f} MiB for {goal} ("
+                      + (f"cgroup limit {int(memory) / 2**20:.0f} MiB" if capped else "no cgroup memory limit")
+                      + ")")
+    # Only where every client connection was held: the others' half-open sockets would count too.
+    kernel = [s["kernel_kib_per_connection"] for s in held
+              if s.get("kernel_kib_per_connection") is not None and s["held"] >= 1000 and s.get("all_held")]
+    if kernel:
+        bounds.append(f"kernel memory: the slab grew by ~{statistics.median(kernel):.1f} KiB per connection (both "
+                      f"ends, read host-wide), ~{statistics.median(kernel) * goal / 2**20:.1f} GiB for {goal}")
+    timed = [s for s in held if s.get("seconds_to_hold_all") and s["held"] >= 1000]
+    if timed:
+        fastest = max(timed, key=lambda s: s["held"])
+        rate = fastest["held"] / fastest["seconds_to_hold_all"]
+        bounds.append(f"time: at the {rate:.0f} connections/s it took {fastest['held']} at, {goal} take "
+                      f"~{goal / rate:.0f} s (the clients' connect timeout is {CONNECT_TIMEOUT_S} s per connection)")
+    if not bounds:
+        return ""
+    first = (f"; the first of them, at about {nearest[0]} connections, is {nearest[1]}"
+             if nearest and nearest[0] > goal else "")
+    return "past the descriptors, the limits it would meet next: " + "; ".join(bounds) + first
 
 
 def _asyncio_at_limit(step: dict) -> str:
@@ -75,6 +147,9 @@ def limit_sentence(mode: str, steps: list[dict], limits: dict) -> str:
         sentence = why_stopped(last, limits)
     if mode == "threaded":
         sentence += "; " + threaded_costs(steps, limits)
+    if mode in REFERENCE:
+        more = next_limits(steps, limits, C100K)
+        sentence += f"; {more}" if more else ""
     return sentence
 
 

@@ -13,10 +13,11 @@ from experiments import link_env
 from socklab.results import find_results
 
 from .lab import Background, Lab, accepted, start_server, stop_server
-from .plan import CONNECT_STALL_S, HOLD_S, PROBE_INTERVAL_S, SERVER_STALL_S, SETTLE_S, client_command
+from .plan import CONNECT_STALL_S, FD_SLACK, HOLD_S, PROBE_INTERVAL_S, SERVER_STALL_S, SETTLE_S, client_commands
 
 
-def watch_fill(lab: Lab, connections: int, client: Background, baseline: dict) -> tuple[dict, list, float | None]:
+def watch_fill(lab: Lab, connections: int, clients: list[Background],
+               baseline: dict) -> tuple[dict, list, float | None]:
     """Probe while the client connects, until all are held or the count stops moving.
 
     Returns the reading with the most connections held, the timeline of
@@ -38,19 +39,55 @@ def watch_fill(lab: Lab, connections: int, client: Background, baseline: dict) -
             best = probe
         if accepted(probe) >= connections:
             return best, timeline, now - started
-        stall_s = SERVER_STALL_S if probe["established"] >= connections else CONNECT_STALL_S
-        if (now - changed_at >= stall_s or now - started >= HOLD_S - 10 or not client.alive()
+        # A server out of descriptors takes no more: what waits for a SYN retransmission cannot change that.
+        stall_s = SERVER_STALL_S if probe["established"] >= connections or out_of_descriptors(probe, baseline) \
+            else CONNECT_STALL_S
+        if (now - changed_at >= stall_s or now - started >= HOLD_S - 10 or not any(c.alive() for c in clients)
                 or not probe.get("pid")):
             return best, timeline, None
+
+
+def out_of_descriptors(probe: dict, baseline: dict) -> bool:
+    """Whether the server holds (nearly) as many descriptors as its limit allows (baseline's ``nofile``)."""
+    try:
+        return probe.get("fds") is not None and probe["fds"] >= int(baseline["nofile"][0]) - FD_SLACK
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
+
+
+# The kernel's side of the connections, read in the server container: the entries of its
+# network namespace's connection tracking table, and the kernel's slab memory (the host's:
+# /proc/meminfo is not namespaced), which holds every socket of both ends.
+KERNEL_READING = ("cat /proc/sys/net/netfilter/nf_conntrack_count 2>/dev/null || echo -; "
+                  "grep -E '^(Slab|SUnreclaim):' /proc/meminfo")
+
+
+def parse_kernel_reading(text: str) -> dict:
+    """``conntrack_entries`` and ``slab_kib`` from KERNEL_READING's output (None where absent)."""
+    lines = text.split("\n")
+    conntrack = lines[0].strip() if lines else ""
+    slab = re.search(r"^Slab:\s+(\d+) kB", text, re.M)
+    return {"conntrack_entries": int(conntrack) if conntrack.isdigit() else None,
+            "slab_kib": int(slab.group(1)) if slab else None}
+
+
+def kernel_per_connection(idle: dict, held: dict, connections: int) -> float | None:
+    """KiB of the kernel's slab memory per held connection (both ends) over the idle reading."""
+    if not connections or idle.get("slab_kib") is None or held.get("slab_kib") is None:
+        return None
+    return round((held["slab_kib"] - idle["slab_kib"]) / connections, 2)
 
 
 def measure(lab: Lab, mode: str, connections: int, log: Log) -> dict:
     """One step: a fresh ``mode`` server, ``connections`` idle clients; what it held and what that cost."""
     started = time.monotonic()
     server, baseline = start_server(lab, mode)
-    client = Background(run_in_client, lab.project, shlex.join(client_command(connections, HOLD_S)), link_env(),
-                        timeout_s=HOLD_S + 120)
-    best, timeline, fill_s = watch_fill(lab, connections, client, baseline)
+    kernel_idle = parse_kernel_reading(lab.sh(KERNEL_READING)[1])
+    # One client container per share of the connections (each has its own source address), started together.
+    commands = client_commands(connections, HOLD_S)
+    clients = [Background(run_in_client, lab.project, shlex.join(command), link_env(), timeout_s=HOLD_S + 120)
+               for command in commands]
+    best, timeline, fill_s = watch_fill(lab, connections, clients, baseline)
     # Memory is read once more after the count is reached (see SETTLE_S),
     # unless the count has moved since.
     held_probe = best
@@ -59,6 +96,7 @@ def measure(lab: Lab, mode: str, connections: int, log: Log) -> dict:
         settled = lab.probe()
         if accepted(settled) == accepted(best):
             held_probe = settled
+    kernel_held = parse_kernel_reading(lab.sh(KERNEL_READING)[1])
     # Closing 20,000 connections under a thread-per-connection server wakes
     # 20,000 threads at once to fight for the GIL: measured, a minute of CPU
     # and a load average in the hundreds on a host others share. Killed
@@ -68,10 +106,12 @@ def measure(lab: Lab, mode: str, connections: int, log: Log) -> dict:
     if killed_first:
         done = stop_server(lab, server, "KILL")
     lab.kill_clients()
-    try:
-        _, client_out = client.join(120)
-    except Exception as exc:  # the client's fate is evidence, not a reason to lose the step
-        client_out = f"client run failed: {exc}"
+    client_outs = []
+    for client in clients:
+        try:
+            client_outs.append(client.join(120)[1])
+        except Exception as exc:  # the client's fate is evidence, not a reason to lose the step
+            client_outs.append(f"client run failed: {exc}")
     if not killed_first:
         done = stop_server(lab, server)
     result = next((r for r in find_results(done.stdout) if r.get("role") == "server"), None)
@@ -88,11 +128,16 @@ def measure(lab: Lab, mode: str, connections: int, log: Log) -> dict:
         "maps_idle": baseline.get("maps"), "vm_kib": held_probe.get("vm_kib"), "vm_idle_kib": baseline.get("vm_kib"),
         "nofile": baseline.get("nofile"), "nproc": baseline.get("nproc"), "stack": baseline.get("stack"),
         "timeline": timeline,
+        "conntrack_entries": kernel_held["conntrack_entries"], "slab_kib_idle": kernel_idle["slab_kib"],
+        "slab_kib_held": kernel_held["slab_kib"],
+        # Other work on the host moves the slab too: a rough figure, kept for the limits' sentence.
+        "kernel_kib_per_connection": kernel_per_connection(kernel_idle, kernel_held, accepted(held_probe)),
         # The server's network namespace: SYNs dropped because the accept queue was full.
         "listen_drops": {k: held_probe["netstat"][k] - baseline["netstat"][k] for k in baseline["netstat"]},
         "server_exit": done.returncode, "server_stopped_by": "SIGKILL" if killed_first else "SIGTERM",
         "server_stderr": _distinct_lines(done.stderr),
-        "client_port_range": _port_range(client_out),
+        "client_containers": len(clients),
+        "client_port_range": next(filter(None, map(_port_range, client_outs)), None),
         "seconds": round(time.monotonic() - started, 1),
     }
     if result is not None:

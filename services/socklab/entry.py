@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import signal
 import sys
 import time
@@ -59,6 +60,22 @@ ENV_KEEP = "SOCKLAB_KEEP_CONTAINER"
 # the orchestrator cannot copy them out of the container (a task on another node).
 ENV_EMIT_FILES = "SOCKLAB_EMIT_FILES"
 FLUSH_TCP_METRICS = ["ip", "tcp_metrics", "flush", "all"]
+
+
+def raise_descriptor_limit() -> int:
+    """Raise this process's descriptor limit (RLIMIT_NOFILE) to its hard limit; the new soft limit.
+
+    A server holds a descriptor per connection, and the soft limit a container
+    starts with can be far below its hard one (Docker 25 and later give soft
+    1024 under a hard 524288), which would stop a server at about a thousand
+    connections. Raising the soft limit up to the hard one needs no privilege,
+    and every process the role starts inherits it.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
 
 
 def drop_privileges(user: str = WORKLOAD_USER) -> None:
@@ -288,6 +305,7 @@ def main(argv: list[str]) -> int:
         return ready(args)
     # From here a failure, this process's or the workload's, prints its failure line.
     os.environ[ENV_FAILURE_LINE] = "1"
+    raise_descriptor_limit()
     if role == "exec":
         if not args:
             raise UsageError("entry exec needs a command to run")

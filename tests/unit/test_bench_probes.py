@@ -159,7 +159,9 @@ def test_container_limits_reads_the_kernels_files():
     done = run(experiments.probe_command("container_limits"))
     limits = json.loads(done.stdout)
     assert list(limits) == ["somaxconn", "vm.max_map_count", "kernel.threads-max", "kernel.pid_max",
-                            "cgroup pids.max", "cgroup memory limit"]
+                            "cgroup pids.max", "cgroup memory limit", "fs.nr_open", "ip_local_port_range",
+                            "nf_conntrack_max", "RLIMIT_NOFILE"]
+    assert limits["RLIMIT_NOFILE"] == list(resource.getrlimit(resource.RLIMIT_NOFILE))
     assert limits["somaxconn"] == Path("/proc/sys/net/core/somaxconn").read_text().strip()
     assert limits["vm.max_map_count"] == Path("/proc/sys/vm/max_map_count").read_text().strip()
     assert int(limits["kernel.pid_max"]) > 0

@@ -72,3 +72,15 @@ def test_nothing_listening_times_out_with_one_sentence_and_status_1():
 def test_bad_arguments_are_a_usage_error(args):
     with pytest.raises(UsageError):
         entry.ready(args)
+
+
+def test_every_role_starts_with_its_soft_descriptor_limit_raised_to_the_hard_one():
+    # In a child process: the limit is the process's own, and a lowered one must not leak into the tests.
+    code = ("import resource; from socklab import entry\n"
+            "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "print(entry.raise_descriptor_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "PYTHONPATH": str(SERVICES)})
+    returned, soft, hard = (int(word) for word in done.stdout.split())
+    assert returned == soft == hard > 256
