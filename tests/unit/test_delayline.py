@@ -18,8 +18,20 @@ import pytest
 from socklab.errors import UsageError
 from socklab.shaping import LinkSpec, build_plan, link_spec_from_mapping
 from socklab.shaping import nfqueue as nq
-from socklab.shaping.delayline import HELD, LOST, OVERFLOW, QUEUES, RESEND_MARK, DelayLine, DelayQueue, LineConfig
+from socklab.shaping.delayline import (
+    DEFAULT_LIMIT_PKTS,
+    HELD,
+    LOST,
+    OVERFLOW,
+    QUEUES,
+    RESEND_MARK,
+    DelayLine,
+    DelayQueue,
+    LineConfig,
+)
 from socklab.shaping.cli import _parser
+from socklab.shaping import resend as rs
+from socklab.shaping.resend import Resender
 from socklab.shaping.plan import (
     delay_line_rules,
     delayline_command,
@@ -62,10 +74,15 @@ def test_params_set_copy_mode_range_queue_length_and_fail_open_off():
     assert attrs == [
         (2, struct.pack("!IB", 1, 2)),         # NFQA_CFG_PARAMS: copy_range 1, NFQNL_COPY_PACKET (packed, 5 bytes)
         (3, struct.pack("!I", 68)),            # NFQA_CFG_QUEUE_MAXLEN
-        (4, struct.pack("!I", 0x1)),           # NFQA_CFG_MASK: the fail-open flag ...
-        (5, struct.pack("!I", 0)),             # NFQA_CFG_FLAGS: ... cleared
+        (4, struct.pack("!I", 0x1 | 0x4)),     # NFQA_CFG_MASK: the fail-open and GSO flags ...
+        (5, struct.pack("!I", 0)),             # NFQA_CFG_FLAGS: ... both cleared
     ]
     assert _split(nq.encode_params(1, 10, nq.COPY_WHOLE))[2][0] == (2, struct.pack("!IB", 0xFFFF, 2))
+
+
+def test_params_with_gso_set_only_the_gso_flag():
+    attrs = _split(nq.encode_params(7301, 68, nq.COPY_WHOLE, gso=True))[2]
+    assert attrs[2:] == [(4, struct.pack("!I", 0x1 | 0x4)), (5, struct.pack("!I", 0x4))]  # NFQA_CFG_F_GSO = 1 << 2
 
 
 def test_verdicts_one_packet_or_a_batch_up_to_an_id():
@@ -78,15 +95,20 @@ def test_verdicts_one_packet_or_a_batch_up_to_an_id():
     assert head[0] == (3 << 8) | 3 and attrs == [(2, struct.pack("!II", 0, 42))]
 
 
-def _packet_message(queue: int, packet_id: int, payload: bytes, cap_len: int | None) -> bytes:
+def _packet_message(queue: int, packet_id: int, payload: bytes, cap_len: int | None, skb_info: int | None = None,
+                    outdev: int | None = None) -> bytes:
     def attr(kind, data):
         raw = struct.pack("=HH", 4 + len(data), kind) + data
         return raw + b"\0" * (-len(raw) % 4)
 
     attrs = attr(1, struct.pack("!IHB", packet_id, 0x0800, 3))  # PACKET_HDR: id, ETH_P_IP, hook
     attrs += attr(5 | 0x8000, struct.pack("!I", 2))  # IFINDEX_INDEV, with a flag bit that must be masked
+    if outdev is not None:
+        attrs += attr(6, struct.pack("!I", outdev))  # IFINDEX_OUTDEV
     if cap_len is not None:
         attrs += attr(13, struct.pack("!I", cap_len))
+    if skb_info is not None:
+        attrs += attr(14, struct.pack("!I", skb_info))  # SKB_INFO
     attrs += attr(10, payload)
     body = struct.pack("!BBH", socket.AF_INET, 0, queue) + attrs
     return struct.pack("=IHHII", 16 + len(body), (3 << 8) | 0, 0, 0, 0) + body
@@ -107,6 +129,17 @@ def test_parse_reads_packets_and_acknowledgements_in_order():
         nq.Packet(7301, 6, 28, b"E\0\0\x1c" + b"x" * 24),
         nq.Ack(4, 16),  # EBUSY: the queue has another listener
     ]
+
+
+def test_parse_reads_the_skb_info_flags_and_the_outgoing_device():
+    aggregate = b"E" + b"\0" * 39 + b"x" * 3000
+    (packet,) = nq.parse_messages(_packet_message(7301, 9, aggregate, cap_len=None, skb_info=0x3, outdev=18681))
+    assert packet == nq.Packet(7301, 9, len(aggregate), aggregate, skb_info=0x3, outdev=18681)
+    assert packet.skb_info & nq.NFQA_SKB_GSO and packet.skb_info & nq.NFQA_SKB_CSUMNOTREADY
+    assert not packet.truncated
+    # Over 65531 bytes the kernel copies what fits and says how long the packet was.
+    (cut,) = nq.parse_messages(_packet_message(7301, 10, aggregate[:100], cap_len=70000, skb_info=0x2))
+    assert cut.truncated and cut.length_bytes == 70000 and cut.outdev == 0
 
 
 def test_parse_refuses_a_truncated_datagram_or_a_packet_without_its_header():
@@ -330,7 +363,7 @@ class FakeQueue:
         self.batches = list(batches)
         self.sent = bytearray()
 
-    def receive(self, max_packets):
+    def receive(self, max_packets, max_bytes=None):
         return self.batches.pop(0) if self.batches else []
 
     def send(self, verdicts):
@@ -359,15 +392,16 @@ def test_down_holds_verdicts_up_drops_originals_and_sends_copies_later():
     line = DelayLine({"up": LineConfig(delay_ms=20), "down": LineConfig(delay_ms=5, loss_pct=50)},
                      clock=lambda: now[0])
     ip_packet = b"\x45" + b"\0" * 15 + socket.inet_aton("10.1.2.3") + b"payload"
-    line.nfq = FakeQueue([[nq.Packet(UP, 1, 30, ip_packet), nq.Packet(UP, 2, 30, ip_packet),
+    size = len(ip_packet)
+    line.nfq = FakeQueue([[nq.Packet(UP, 1, size, ip_packet), nq.Packet(UP, 2, size, ip_packet),
                            nq.Packet(DOWN, 7, 1500, b"E"), nq.Packet(DOWN, 8, 1500, b"E"),
                            nq.Packet(DOWN, 9, 1500, b"E")]])
-    line.raw = FakeRaw()
+    line.resender = Resender(RESEND_MARK, clock=lambda: now[0], raw=FakeRaw())
     # Loss draws for the down packets, in order: keep, lose, keep.
     line.lines["down"].queue._uniform = _scripted(0.9, 0.1, 0.9)
     line._take()
     assert _verdicts(line.nfq.sent) == [("one", DOWN, "drop", 8), ("batch", UP, "drop", 2)]
-    assert line.raw.sent == []
+    assert line.resender.raw.sent == []
 
     line.nfq.sent.clear()
     now[0] = 10.005
@@ -375,7 +409,7 @@ def test_down_holds_verdicts_up_drops_originals_and_sends_copies_later():
     assert _verdicts(line.nfq.sent) == [("batch", DOWN, "accept", 9)]
     now[0] = 10.020
     line._release(now[0])
-    assert line.raw.sent == [(ip_packet, ("10.1.2.3", 0))] * 2
+    assert line.resender.raw.sent == [(ip_packet, ("10.1.2.3", 0))] * 2
 
     stats = line.stats()
     assert stats["up"]["method"] == "copy" and stats["down"]["method"] == "verdict"
@@ -388,3 +422,164 @@ def test_a_change_must_keep_the_directions_it_runs_for():
         line.reconfigure({"up": LineConfig(delay_ms=1), "down": LineConfig(delay_ms=1)})
     with pytest.raises(UsageError, match="directions among up, down"):
         DelayLine({"sideways": LineConfig()})
+
+
+# --- GSO: whole aggregates, sent again through a packet socket -------------------------
+
+
+def _slow_sum(data: bytes) -> int:
+    """RFC 1071 as written: add 16-bit words, fold the carries back in."""
+    data += b"\0" * (len(data) % 2)
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _tcp_packet(payload: bytes, *, flags: int = 0x18, options: bytes = b"", partial: bool = True) -> bytes:
+    """An IPv4 TCP packet 10.0.0.1 -> 10.0.0.2; ``partial``: its checksum field holds the pseudo-header sum only."""
+    tcp_len = 20 + len(options) + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 1, 0x4000, 64, 6, 0,
+                     socket.inet_aton("10.0.0.1"), socket.inet_aton("10.0.0.2"))
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, tcp_len)
+    doff = (20 + len(options)) // 4
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5201, 1, 1, doff << 4, flags, 65535, 0, 0) + options + payload
+    seed = _slow_sum(pseudo)
+    if not partial:
+        seed = 0xFFFF - _slow_sum(pseudo + tcp)
+    return ip + tcp[:16] + struct.pack("!H", seed) + tcp[18:]
+
+
+def test_inet_checksum_matches_rfc_1071_word_by_word():
+    rng = random.Random(7)
+    for size in (0, 1, 2, 3, 63, 1500, 9001):
+        data = bytes(rng.randrange(256) for _ in range(size))
+        assert rs.inet_checksum(data) == 0xFFFF - _slow_sum(data)
+    assert rs.inet_checksum(b"\xff\xff") == 0  # a sum of 0xFFFF (negative zero) checks as 0
+
+
+def test_a_partial_checksum_is_completed_as_a_device_would():
+    partial = _tcp_packet(b"hello, world")
+    whole = rs.complete_checksum(partial)
+    assert len(whole) == len(partial) and whole[:36] == partial[:36] and whole[38:] == partial[38:]
+    assert whole == _tcp_packet(b"hello, world", partial=False)
+    pseudo = whole[12:20] + struct.pack("!BBH", 0, 6, len(whole) - 20)
+    assert _slow_sum(pseudo + whole[20:]) == 0xFFFF  # a receiver's check: everything sums to all ones
+    assert rs.complete_checksum(b"\x60" + b"\0" * 50) == b"\x60" + b"\0" * 50  # not IPv4: unchanged
+
+
+def test_vnet_header_packs_struct_virtio_net_hdr_in_host_order():
+    header = rs.vnet_header(gso_type=rs.VIRTIO_NET_HDR_GSO_TCPV4, gso_size=1448, hdr_len=66, csum_start=34,
+                            csum_offset=16)
+    assert len(header) == rs.VNET_HDR_BYTES == 10
+    assert struct.unpack("=BBHHHH", header) == (1, 1, 66, 1448, 34, 16)  # NEEDS_CSUM, TCPV4
+    assert rs.vnet_header() == bytes(10)  # nothing to do: no checksum, no GSO
+
+
+def test_gso_size_is_what_one_mtu_holds_after_this_packets_headers():
+    assert rs.gso_size_bytes(1500, 20, 32) == 1448  # timestamps, as Linux sends by default
+    assert rs.gso_size_bytes(1450, 20, 20) == 1410  # an overlay's MTU, no options
+
+
+def test_an_aggregate_gets_a_vnet_header_for_tcp_segmentation_and_an_ethernet_header():
+    dst, src = bytes.fromhex("0242c0a89002"), bytes.fromhex("0242c0a89003")
+    aggregate = _tcp_packet(b"x" * 20000, options=b"\x01\x01\x08\x0a" + bytes(8))
+    header = rs.gso_frame_header(aggregate, dst, src, 1500)
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = struct.unpack_from("=BBHHHH", header)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (1, 1, 14 + 20 + 32, 1448, 34, 16)
+    assert header[10:] == dst + src + b"\x08\x00"
+    cwr = rs.gso_frame_header(_tcp_packet(b"x" * 20000, flags=0x80 | 0x10), dst, src, 1500)
+    assert cwr[1] == rs.VIRTIO_NET_HDR_GSO_TCPV4 | rs.VIRTIO_NET_HDR_GSO_ECN
+    udp = bytearray(aggregate)
+    udp[9] = 17
+    assert rs.gso_frame_header(bytes(udp), dst, src, 1500) is None  # UDP's segment size is not in the packet
+
+
+ARP = """IP address       HW type     Flags       HW address            Mask     Device
+192.168.144.2    0x1         0x2         02:42:c0:a8:90:02     *        eth0
+192.168.144.9    0x1         0x0         00:00:00:00:00:00     *        eth0
+192.168.144.1    0x1         0x6         02:42:5c:11:22:33     *        eth0
+"""
+ROUTES = """Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+eth0\t00000000\t0190A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+eth0\t0090A8C0\t00000000\t0001\t0\t0\t0\t00F0FFFF\t0\t0\t0
+eth1\t0000000A\t00000000\t0000\t0\t0\t0\t000000FF\t0\t0\t0
+"""
+
+
+def test_neighbours_are_the_complete_arp_entries_by_address_and_device():
+    assert rs.parse_arp_table(ARP) == {("192.168.144.2", "eth0"): bytes.fromhex("0242c0a89002"),
+                                       ("192.168.144.1", "eth0"): bytes.fromhex("02425c112233")}
+
+
+def test_next_hop_is_the_destination_on_link_else_the_gateway():
+    routes = rs.parse_route_table(ROUTES, byteorder="little")
+    assert routes == [rs.Route("eth0", 0, 0, "192.168.144.1"),
+                      rs.Route("eth0", 0xC0A89000, 0xFFFFF000, None)]  # eth1's route is down
+    assert rs.next_hop(routes, "192.168.144.2", "eth0") == "192.168.144.2"
+    assert rs.next_hop(routes, "8.8.8.8", "eth0") == "192.168.144.1"
+    assert rs.next_hop(routes, "10.0.0.1", "eth1") is None
+
+
+class FakePacketSocket:
+    def __init__(self):
+        self.sent = []
+
+    def sendmsg(self, buffers):
+        self.sent.append(b"".join(buffers))
+
+
+def _resender(now):
+    resender = Resender(RESEND_MARK, clock=lambda: now[0], raw=FakeRaw())
+    packet_socket = FakePacketSocket()
+    resender._egress[5] = rs._Egress(packet_socket, "eth0", bytes.fromhex("0242c0a89003"), 1500)
+    resender._neighbours = rs.parse_arp_table(ARP.replace("192.168.144.2 ", "10.0.0.2      "))
+    resender._routes = rs.parse_route_table(ROUTES.replace("0090A8C0", "0000000A").replace("00F0FFFF", "000000FF"),
+                                            byteorder="little")
+    resender._read_s = now[0]
+    return resender, packet_socket
+
+
+def test_aggregates_go_through_the_packet_socket_and_wire_packets_through_the_raw_one():
+    now = [100.0]
+    resender, packet_socket = _resender(now)
+    aggregate = _tcp_packet(b"x" * 30000)
+    assert resender.send(nq.Packet(UP, 1, len(aggregate), aggregate, nq.NFQA_SKB_GSO | nq.NFQA_SKB_CSUMNOTREADY, 5))
+    (frame,) = packet_socket.sent
+    assert frame[:10] == rs.vnet_header(gso_type=1, gso_size=1460, hdr_len=54, csum_start=34, csum_offset=16)
+    assert frame[10:24] == bytes.fromhex("0242c0a89002" "0242c0a89003" "0800") and frame[24:] == aggregate
+
+    small = _tcp_packet(b"ping")
+    assert resender.send(nq.Packet(UP, 2, len(small), small, nq.NFQA_SKB_CSUMNOTREADY, 5))
+    assert resender.raw.sent == [(_tcp_packet(b"ping", partial=False), ("10.0.0.2", 0))]
+
+    # A copy the kernel cut short, or an aggregate for a neighbour whose MAC is unknown, cannot go.
+    assert not resender.send(nq.Packet(UP, 3, 70000, aggregate, nq.NFQA_SKB_GSO, 5))
+    resender._neighbours.clear()
+    resender._refresh = lambda now_s: None
+    now[0] += 0.1
+    assert not resender.send(nq.Packet(UP, 4, len(aggregate), aggregate, nq.NFQA_SKB_GSO, 5))
+    assert len(packet_socket.sent) == 1 and resender.aggregates == 1
+
+
+class ConfigRecorder(FakeQueue):
+    def __init__(self):
+        super().__init__([])
+        self.configured = []
+
+    def configure(self, queue_num, maxlen_pkts, copy_range_bytes, gso):
+        self.configured.append((queue_num, maxlen_pkts, copy_range_bytes, gso))
+
+
+def test_a_direction_takes_aggregates_whole_only_while_it_has_no_loss():
+    line = DelayLine({"up": LineConfig(delay_ms=10), "down": LineConfig(delay_ms=10, loss_pct=1)})
+    assert line.lines["up"].bind_args() == (DEFAULT_LIMIT_PKTS, nq.COPY_WHOLE, True)
+    assert line.lines["down"].bind_args() == (DEFAULT_LIMIT_PKTS, nq.COPY_LENGTH_ONLY, False)
+    line.nfq = ConfigRecorder()
+    line.reconfigure({"up": LineConfig(delay_ms=30, loss_pct=1), "down": LineConfig(delay_ms=30, loss_pct=1)})
+    # Only what changed the queue's configuration: up loses its GSO flag; down's delay is the line's own.
+    assert line.nfq.configured == [(UP, DEFAULT_LIMIT_PKTS, nq.COPY_WHOLE, False)]
+    line.reconfigure({"up": LineConfig(delay_ms=30), "down": LineConfig(delay_ms=30)})
+    assert line.nfq.configured[1:] == [(UP, DEFAULT_LIMIT_PKTS, nq.COPY_WHOLE, True),
+                                       (DOWN, DEFAULT_LIMIT_PKTS, nq.COPY_LENGTH_ONLY, True)]
+    assert line.stats()["up"]["gso"] is True

@@ -36,8 +36,19 @@ NLM_F_ACK = 0x4
 # Packet attributes (enum nfqnl_attr_type).
 NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
+NFQA_IFINDEX_OUTDEV = 6
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14
+
+# NFQA_SKB_INFO flags: what the kernel says about a packet it queued.
+# The checksum is partial (CHECKSUM_PARTIAL): the TCP/UDP checksum field holds
+# only the pseudo-header's sum, to be completed by the device (or by whoever
+# sends the packet again).
+NFQA_SKB_CSUMNOTREADY = 0x1
+# A GSO aggregate: larger than the device's MTU, to be segmented on transmit.
+NFQA_SKB_GSO = 0x2
+NFQA_SKB_CSUM_NOTVERIFIED = 0x4
 
 # Config attributes (enum nfqnl_attr_config).
 NFQA_CFG_CMD = 1
@@ -52,6 +63,10 @@ NFQNL_COPY_PACKET = 2
 # With fail-open the kernel would accept what overflows the queue: packets would
 # skip the delay line unseen. Off, an overflow is a drop the kernel counts.
 NFQA_CFG_F_FAIL_OPEN = 0x1
+# With the GSO flag the kernel queues a GSO aggregate (up to 64 KiB) as one
+# packet, and leaves partial checksums partial; without it, it segments the
+# aggregate to wire size and completes checksums first (one message each).
+NFQA_CFG_F_GSO = 0x4
 
 NF_DROP = 0
 NF_ACCEPT = 1
@@ -64,6 +79,9 @@ COPY_LENGTH_ONLY = 1
 # A packet that is to be sent again from userspace is copied whole. Without the
 # GSO flag the kernel segments GSO packets to wire size and completes their
 # checksums before copying, so each copy is a valid packet of at most one MTU.
+# With it, a copy may be a GSO aggregate with a partial checksum (see
+# NFQA_SKB_INFO). The kernel copies at most 65531 bytes (its netlink attribute
+# length is 16 bits); a longer packet comes truncated, with NFQA_CAP_LEN.
 COPY_WHOLE = 0xFFFF
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
@@ -115,13 +133,17 @@ def encode_unbind(queue_num: int, seq: int = 0) -> bytes:
                     NLM_F_REQUEST | NLM_F_ACK, seq)
 
 
-def encode_params(queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY, seq: int = 0) -> bytes:
-    """NFQNL_MSG_CONFIG: copy mode and range, queue length, fail-open off (acknowledged)."""
+def encode_params(queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY, seq: int = 0,
+                  gso: bool = False) -> bytes:
+    """NFQNL_MSG_CONFIG: copy mode and range, queue length, fail-open off, GSO on or off (acknowledged).
+
+    Both flags are in the mask, so a queue configured again loses a GSO flag it had.
+    """
     attrs = (
         _attr(NFQA_CFG_PARAMS, _CFG_PARAMS.pack(copy_range_bytes, NFQNL_COPY_PACKET))
         + _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(maxlen_pkts))
-        + _attr(NFQA_CFG_MASK, _BE32.pack(NFQA_CFG_F_FAIL_OPEN))
-        + _attr(NFQA_CFG_FLAGS, _BE32.pack(0))
+        + _attr(NFQA_CFG_MASK, _BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO))
+        + _attr(NFQA_CFG_FLAGS, _BE32.pack(NFQA_CFG_F_GSO if gso else 0))
     )
     return _message(NFQNL_MSG_CONFIG, queue_num, attrs, NLM_F_REQUEST | NLM_F_ACK, seq)
 
@@ -139,12 +161,23 @@ def encode_verdict_batch(queue_num: int, last_id: int, verdict: int) -> bytes:
 
 
 class Packet(NamedTuple):
-    """One queued packet: its queue, its id there, its length, and the bytes copied of it."""
+    """One queued packet: its queue, its id there, its length, and the bytes copied of it.
+
+    ``skb_info``: NFQA_SKB_* flags (0 when the kernel sent none); ``outdev``:
+    the ifindex it was to leave by (0 when not leaving, as in PREROUTING).
+    """
 
     queue_num: int
     packet_id: int
     length_bytes: int
     payload: bytes
+    skb_info: int = 0
+    outdev: int = 0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the copy is shorter than the packet (one over 65531 bytes, or a short copy range)."""
+        return len(self.payload) < self.length_bytes
 
 
 class Ack(NamedTuple):
@@ -194,6 +227,8 @@ def _parse_packet(view: memoryview, offset: int, end: int) -> Packet:
     packet_id = None
     payload = b""
     cap_len = None
+    skb_info = 0
+    outdev = 0
     while pos + 4 <= end:
         attr_len, attr_type = _unpack_attr(view, pos)
         if attr_len < 4:
@@ -206,10 +241,14 @@ def _parse_packet(view: memoryview, offset: int, end: int) -> Packet:
             payload = view[pos + 4:pos + attr_len].tobytes()
         elif attr_type == NFQA_CAP_LEN:
             cap_len = _unpack_be32(view, pos + 4)[0]
+        elif attr_type == NFQA_SKB_INFO:
+            skb_info = _unpack_be32(view, pos + 4)[0]
+        elif attr_type == NFQA_IFINDEX_OUTDEV:
+            outdev = _unpack_be32(view, pos + 4)[0]
         pos += (attr_len + 3) & ~3
     if packet_id is None:
         raise ValueError("a queued-packet message without a packet header")
-    return Packet(queue_num, packet_id, len(payload) if cap_len is None else cap_len, payload)
+    return Packet(queue_num, packet_id, len(payload) if cap_len is None else cap_len, payload, skb_info, outdev)
 
 
 def parse_proc_queues(text: str) -> dict[int, dict[str, int]]:
@@ -249,9 +288,10 @@ class NfQueue:
     together with ``send``: the kernel handles every message of a datagram.
     """
 
-    # Room for a burst of whole-packet copies (about 3,000 at wire size); when
-    # it fills, the kernel drops and counts (socket_overflow), and says ENOBUFS.
-    RCVBUF_BYTES = 8 << 20
+    # Room for a burst of whole-packet copies (about 3,000 at wire size, or 250
+    # GSO aggregates of 64 KiB); when it fills, the kernel drops and counts
+    # (socket_overflow), and says ENOBUFS.
+    RCVBUF_BYTES = 16 << 20
     # One message: a whole copy (up to COPY_WHOLE bytes) and its attributes.
     RECV_BYTES = 1 << 17
     # Verdicts per datagram: well inside the socket's send buffer.
@@ -301,24 +341,28 @@ class NfQueue:
         self._seq += 1
         return self._seq
 
-    def bind(self, queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY) -> None:
+    def bind(self, queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY,
+             gso: bool = False) -> None:
         """Take ``queue_num`` (EBUSY if another listener has it) and configure it."""
         self._request(encode_bind(queue_num, self._next_seq()), queue_num)
-        self.configure(queue_num, maxlen_pkts, copy_range_bytes)
+        self.configure(queue_num, maxlen_pkts, copy_range_bytes, gso)
 
-    def configure(self, queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY) -> None:
-        """Set a bound queue's length and copy range (packets arriving meanwhile are kept)."""
-        self._request(encode_params(queue_num, maxlen_pkts, copy_range_bytes, self._next_seq()), queue_num)
+    def configure(self, queue_num: int, maxlen_pkts: int, copy_range_bytes: int = COPY_LENGTH_ONLY,
+                  gso: bool = False) -> None:
+        """Set a bound queue's length, copy range and GSO flag (packets arriving meanwhile are kept)."""
+        self._request(encode_params(queue_num, maxlen_pkts, copy_range_bytes, self._next_seq(), gso), queue_num)
 
-    def receive(self, max_packets: int) -> list[Packet]:
-        """Up to ``max_packets`` packet notifications waiting on the socket, without blocking.
+    def receive(self, max_packets: int, max_bytes: int | None = None) -> list[Packet]:
+        """Up to ``max_packets`` packet notifications waiting on the socket (and, if given, until their
+        copies reach ``max_bytes``), without blocking.
 
         A full socket buffer (ENOBUFS) is counted in ``socket_overflows`` and
         reading goes on; an error answer to a request raises NfQueueError.
         """
         packets, self._pending = self._pending, []
         view = memoryview(self._buf)
-        while len(packets) < max_packets:
+        copied_bytes = 0
+        while len(packets) < max_packets and (max_bytes is None or copied_bytes < max_bytes):
             try:
                 n = self.sock.recv_into(self._buf)
             except BlockingIOError:
@@ -331,6 +375,7 @@ class NfQueue:
             for item in parse_messages(view[:n]):
                 if isinstance(item, Packet):
                     packets.append(item)
+                    copied_bytes += len(item.payload)
                 elif item.errno:
                     raise NfQueueError(item.errno, f"NFQUEUE request {item.seq}: {os.strerror(item.errno)}")
         return packets

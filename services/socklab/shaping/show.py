@@ -13,7 +13,7 @@ from .runner import Runner, ShapingError
 COUNTERS = ("bytes", "packets", "drops", "overlimits", "backlog", "qlen")
 # The counters that count; backlog and qlen (and a delay line's held) are levels.
 QDISC_COUNTS = ("bytes", "packets", "drops", "overlimits")
-DELAY_LINE_COUNTS = ("packets", "bytes", "delayed", "lost", "overflow", "send_errors")
+DELAY_LINE_COUNTS = ("packets", "bytes", "delayed", "lost", "overflow", "send_errors", "gso_packets")
 
 
 def counts_since(now: Mapping[str, Any], before: Mapping[str, Any]) -> dict[str, Any]:
