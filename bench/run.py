@@ -7,6 +7,7 @@
     python3 bench/run.py --only swarm --merge      # measure some again, into the full results and
                                                    # BENCHMARKS.md (each such section says when)
     python3 bench/run.py --only tracer --merge     # the socket-call tracer's overhead (no containers, ~1 min)
+    python3 bench/run.py --keep swarm              # full run, but the swarm section kept as measured apart
 
 Benchmarks, not tests: each measures on real containers of a project of its
 own (removed afterwards) and reports figures against references measured in
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, RESULTS_SCHEMA, ROOT, environment  # noqa: E402
 from render import render, replace_headline  # noqa: E402
 
-BENCHMARKS = ("fidelity", "overhead", "echo", "scale", "vm", "swarm", "tracer")
+BENCHMARKS = ("fidelity", "delayline", "overhead", "echo", "scale", "vm", "swarm", "tracer")
 
 
 def _log(text: str) -> None:
@@ -54,15 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merge", action="store_true",
                         help="put the chosen benchmarks' sections into the full results file (replacing theirs, "
                              "each with the machine and revision it was measured at) and render BENCHMARKS.md")
+    parser.add_argument("--keep", help="full run of every benchmark but these (comma-separated), whose sections "
+                                       "are kept from the full results file, each saying when it was measured")
     args = parser.parse_args(argv)
     chosen = BENCHMARKS if not args.only else tuple(name.strip() for name in args.only.split(","))
-    unknown = [name for name in chosen if name not in BENCHMARKS]
+    kept = tuple(name.strip() for name in args.keep.split(",")) if args.keep else ()
+    unknown = [name for name in chosen + kept if name not in BENCHMARKS]
     if unknown:
-        print(f"bench/run.py: --only: {unknown[0]!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}",
+        option = "--keep" if unknown[0] in kept else "--only"
+        print(f"bench/run.py: {option}: {unknown[0]!r} is not a benchmark; choose from {', '.join(BENCHMARKS)}",
               file=sys.stderr)
         return 2
     if args.merge and (args.quick or args.out is not None):
         print("bench/run.py: --merge goes into the full results file: drop --quick and --out", file=sys.stderr)
+        return 2
+    if kept and (args.only or args.merge or args.quick or args.out is not None):
+        print("bench/run.py: --keep is a full run: drop --only, --merge, --quick and --out", file=sys.stderr)
         return 2
     full = not args.quick and (chosen == BENCHMARKS or args.merge) and args.out is None
     out = args.out or RESULTS_DIR / ("quick.json" if args.quick else "benchmarks.json")
@@ -73,6 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = {"schema": RESULTS_SCHEMA, "quick": args.quick, "environment": environment(),
                    "duration_s": None, "benchmarks": {}}
+    if kept:
+        previous = json.loads(out.read_text(encoding="utf-8"))
+        missing = [name for name in kept if name not in previous["benchmarks"]]
+        if missing:
+            print(f"bench/run.py: --keep: {out} has no {missing[0]!r} section to keep", file=sys.stderr)
+            return 2
+        for name in kept:  # a kept section was measured at another time: it says when, as a merged one does
+            section = previous["benchmarks"][name]
+            results["benchmarks"][name] = {**section, "environment": section.get("environment",
+                                                                                   previous["environment"])}
+        chosen = tuple(name for name in chosen if name not in kept)
     started = time.monotonic()
     failed = False
     for name in chosen:
@@ -88,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if measured_at:  # measured apart from the rest of the file: say where and when
             section["environment"] = measured_at
         results["benchmarks"][name] = section
+        # Sections in the order of BENCHMARKS, whichever were measured now and whichever kept.
+        results["benchmarks"] = {key: results["benchmarks"][key] for key in sorted(
+            results["benchmarks"], key=lambda key: BENCHMARKS.index(key) if key in BENCHMARKS else len(BENCHMARKS))}
         if not args.merge:
             results["duration_s"] = round(time.monotonic() - started, 1)
         _write(out, json.dumps(results, indent=1) + "\n")

@@ -95,7 +95,8 @@ def test_run_refuses_an_unknown_benchmark_in_one_sentence():
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "bench/run.py: --only: 'speed' is not a benchmark; choose from fidelity, overhead, echo, scale, vm, swarm, tracer"]
+        "bench/run.py: --only: 'speed' is not a benchmark; choose from "
+        "fidelity, delayline, overhead, echo, scale, vm, swarm, tracer"]
 
 
 # ------------------------------------------------- the roles benchmarks start
