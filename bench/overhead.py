@@ -115,8 +115,13 @@ def _workload_s(record: dict) -> float:
 
 
 def _probe_s(record: dict) -> float:
-    """The longest link probe of the case's clients (0 without one): it runs before each workload."""
-    return max((m.get("probe_s") or 0.0 for m in record["link"].get("measured", {}).values()), default=0.0)
+    """The longest link probe the case's clients ran (0 without one): it runs before each workload.
+
+    A case in kept containers after the first carries the first one's measurement
+    (``measured_in``) and ran no probe of its own.
+    """
+    return max((m.get("probe_s") or 0.0 for m in record["link"].get("measured", {}).values()
+                if "measured_in" not in m), default=0.0)
 
 
 def _bare_up_down(override: Path, services: list[str]) -> dict[str, float]:

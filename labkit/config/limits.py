@@ -21,7 +21,9 @@ What a container holds, counted from the roles' code (``socklab.workloads``,
 - a client builds its payload once (``make_payload``: the pattern repeated, then the
   cut-off rest appended, so twice its size while it is built unless the pattern
   divides it) and every connection sends from that one buffer: bulk ``bytes``, echo
-  ``size``, one slow piece; connect holds none;
+  ``size``, one slow piece; connect holds none. A large payload is usually tiled
+  (``socklab.payload``: a small memory file mapped again and again) and holds far
+  less, but it falls back to those plain bytes when it cannot be mapped, so they count;
 - each client connection reads with ``recv(64 KiB)``: modes with a thread per
   connection (blocking, nonblocking, nonblocking-spin, timeout) can all be inside one
   at once; the event-loop modes (select, poll, epoll) read one at a time; asyncio's
@@ -30,8 +32,8 @@ What a container holds, counted from the roles' code (``socklab.workloads``,
   connection thread); an echo server of the reactor modes or asyncio queues up to
   256 KiB of output per connection (its high-water mark) plus one read past it;
 - per-connection bookkeeping as measured (``bench/results/benchmarks.json``, resident
-  memory per idle connection at 10,000: epoll 0.62 KiB, asyncio 2.93 KiB, threaded
-  17.86 KiB with its thread), rounded up, and 20 MiB for the idle interpreter
+  memory per idle connection at 10,000: epoll 0.21 KiB, asyncio 1.8 KiB, threaded
+  17.8 KiB with its thread), rounded up with room, and 20 MiB for the idle interpreter
   (the idle server measured 20.0 MiB).
 """
 
@@ -63,8 +65,10 @@ SERVER_ECHO_QUEUE_BYTES = ECHO_HIGH_WATER_BYTES
 _SERVING = {"blocking": "thread", "nonblocking": "thread", "nonblocking-spin": "thread", "timeout": "thread",
             "threaded": "thread", "select": "reactor", "poll": "reactor", "epoll": "reactor",
             "asyncio": "asyncio"}
-# Resident bookkeeping per connection, measured at 10,000 idle connections (threaded 17.86,
-# asyncio 2.93, epoll 0.62 KiB), rounded up. The iterative server holds one connection at a time.
+# Resident bookkeeping per connection, measured at 10,000 idle connections (threaded 17.8,
+# asyncio 1.8, epoll 0.21 KiB; before the servers were made lean 17.9, 2.9 and 0.62), rounded up
+# with room, so a server's bound does not move with each measurement. The iterative server holds
+# one connection at a time.
 _BOOKKEEPING_BYTES = {"thread": 20 * _KIB, "asyncio": 4 * _KIB, "reactor": 1 * _KIB, "iterative": 0}
 
 Failer = Callable[[KeyPath], Callable[[str], NoReturn]]
