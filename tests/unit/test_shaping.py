@@ -747,8 +747,9 @@ PAYLOAD_PER_FRAME = 1448 / 1514
 GOODPUT_TOLERANCE = 0.07
 TRANSFER_BYTES = 4_000_000
 
-RECEIVER = r"""
-import json, socket, sys, time
+# A receiver script's start: listen on argv[1]:argv[2], say "ready", accept one connection.
+ACCEPT_ONE = r"""
+import socket, sys
 srv = socket.socket()
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((sys.argv[1], int(sys.argv[2])))
@@ -756,6 +757,10 @@ srv.listen(1)
 srv.settimeout(60)
 print("ready", flush=True)
 conn, _ = srv.accept()
+"""
+
+RECEIVER = ACCEPT_ONE + r"""
+import json, time
 conn.settimeout(60)
 total, first = 0, None
 while True:
@@ -1022,15 +1027,8 @@ def test_userspace_backend_delays_changes_and_goes_away(pair, tmp_path):
         server.wait()
 
 
-DIGEST_RECEIVER = r"""
-import hashlib, socket, sys
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen(1)
-srv.settimeout(60)
-print("ready", flush=True)
-conn, _ = srv.accept()
+DIGEST_RECEIVER = ACCEPT_ONE + r"""
+import hashlib
 digest, count = hashlib.sha256(), 0
 while data := conn.recv(1 << 16):
     digest.update(data)
