@@ -386,8 +386,8 @@ class CaseRunner:
     def _kept_measurement(self, case: Case, repetition: int, measured: dict) -> dict:
         """The links of a case in kept containers: the first case's measurement keeps for the
         lab, and each later case carries it, saying which case measured it."""
-        kept = self.kept
-        if kept is None or not self.reuse:
+        kept = self.kept  # set only with reuse
+        if kept is None:
             return measured
         if kept.measured_in is None:
             if measured:
