@@ -238,8 +238,12 @@ def test_round_trips_and_repairs_under_loss(runs, echo_lab):
     # figures differ between the backends for that reason (README).
     offered = sum(lines["server"][d]["packets"] for d in ("up", "down"))
     lost = sum(lines["server"][d]["lost"] for d in ("up", "down"))
-    low, high = binomial_interval(offered, 0.05)
-    print(f"delay line on the server's link: {lost} of {offered} packets lost (99 % interval {low}..{high})")
+    # One unseeded run, not measured again (the four experiments take minutes): a 99 %
+    # interval failed one CI run by chance (371 of 6,432 against 277..367). At 99.99 % an
+    # honest run fails once in ten thousand; a loss drawn per aggregate instead of per
+    # segment would still land far outside it.
+    low, high = binomial_interval(offered, 0.05, confidence=0.9999)
+    print(f"delay line on the server's link: {lost} of {offered} packets lost (99.99 % interval {low}..{high})")
     assert low <= lost <= high
 
 
