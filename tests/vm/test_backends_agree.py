@@ -49,9 +49,14 @@ EXPERIMENTS = {
                    ["server.link", "clients.big.link", "clients.small.link"]),
     # A 64 KiB receive window over a 100 ms round trip. 16 MB: the slow start weighs little
     # against the experiment's floor (0.8 window / RTT); 4.44-4.81 Mbit/s measured here, on
-    # both backends, against a floor of 4.19 (0.85 had been missed by 0.4 %).
+    # both backends, against a floor of 4.19 (0.85 had been missed by 0.4 %). The link at
+    # 20 Mbit/s, not the experiment's 50: the window (5.2 Mbit/s) stays the limit, and the link
+    # probe can time it. Its trains are 1,200-byte datagrams sent and read by Python, and on an emulated
+    # CPU that is slower than 50 Mbit/s: a netem link of 50 was measured at 28-41 Mbit/s
+    # in three runs on one CI machine (20 measured 20.1), and judged off by the probe's own limit.
     "send-buffer": (["--set", "clients.sender.mode=blocking", "--set", "clients.sender.sndbuf=1MiB",
-                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=16MB"],
+                     "--set", "server.rcvbuf=64KiB", "--set", "clients.sender.workload.bytes=16MB",
+                     "--set", "clients.sender.link.rate=20mbit"],
                     ["clients.sender.link"]),
 }
 # What a run directory needs to be read back (report, compare); traces stay in the VM.
@@ -127,7 +132,7 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
 def test_every_case_measured_its_links_and_netem_holds_every_one(runs):
     """Every case probed its links on both backends. On netem each is within tolerance. The delay
     line is a Python process on an emulated CPU here: where it falls short of its link (4-5 ms
-    added to a round trip, 25 of 50 Mbit/s up, measured), the case is marked off, never hidden."""
+    added to a round trip, 14-15 of 20 Mbit/s up, measured), the case is marked off, never hidden."""
     for name, by_backend in runs.items():
         for backend, run in by_backend.items():
             for record in records(run):
