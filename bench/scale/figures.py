@@ -16,8 +16,8 @@ MEMORY_TARGETS = {"epoll": {"max": 1.5}, "asyncio": {"max": 1.2}}
 def held_line(mode: str) -> tuple[int, str]:
     """The line ``mode``'s held count is compared with: C100K for the two that must reach it, else C10K."""
     if mode in REFERENCE:
-        return C100K, "C100K line: 100,000 connections"
-    return C10K, "C10K line: 10,000 connections"
+        return C100K, "C100K line"
+    return C10K, "C10K line"
 
 
 def held_figure(mode: str, reps: list[list[dict]], plan: Plan, limit: str = "") -> dict:
