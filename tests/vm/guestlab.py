@@ -17,6 +17,7 @@ import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from labkit import linkcheck
 from labkit.compose import READY_SERVICE
 from socklab.entry import FLUSH_TCP_METRICS
 from socklab.results import find_results
@@ -136,6 +137,21 @@ class GuestProject:
         """`socklab shape ARGV` in the client container, as root (it has NET_ADMIN only)."""
         return self.vm.exec(["docker", "exec", self.client_container, "python3", "-m", "socklab", "shape",
                              *argv], timeout_s=120).check().stdout
+
+    def probe(self, link: list[str], sabotage: str | None = None) -> dict:
+        """Shape ``link`` on netem in the client container (nothing shaped if empty), run
+        ``sabotage`` (a shell command) if given, and probe the path to the server as every case
+        does (socklab.linkprobe): the probe's result, judged by labkit.linkcheck."""
+        apply = ["python3", "-m", "socklab", "shape", "apply", *(["backend=netem", *link] if link else [])]
+        probe = ["python3", "-m", "socklab", "probe", "--server", "server:5000"]
+        steps = [f"{shlex.join(apply)} >&2", *([sabotage] if sabotage else []), shlex.join(probe)]
+        done = self.vm.exec(["docker", "exec", self.client_container, "sh", "-c", " && ".join(steps)],
+                            timeout_s=300).check()
+        (found,) = [r for r in find_results(done.stdout) if r.get("role") == "probe"]
+        verdict = linkcheck.judge(found)
+        print(f"{' '.join(link) or 'unshaped'}{' then ' + sabotage if sabotage else ''}: "
+              f"{linkcheck.verdict_text(verdict)}")
+        return verdict
 
     def link(self) -> dict:
         """The client container's link as applied, with the kernel's qdisc counters."""

@@ -129,10 +129,24 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
                     (name, backend, record["expectations"])
 
 
-def test_every_case_measured_its_links_and_netem_holds_every_one(runs):
-    """Every case probed its links on both backends. On netem each is within tolerance. The delay
-    line is a Python process on an emulated CPU here: where it falls short of its link (4-5 ms
-    added to a round trip, 14-15 of 20 Mbit/s up, measured), the case is marked off, never hidden."""
+def _holds_past(verdict: dict, unshaped_rtt_ms: float) -> bool:
+    """linkcheck's tolerances on a probe's verdict, its round trip counted past ``unshaped_rtt_ms``."""
+    expected_ms = verdict["rtt_expected_ms"]
+    allowed_ms = max(linkcheck.RTT_TOLERANCE_FRACTION * expected_ms, linkcheck.RTT_TOLERANCE_MS)
+    ratios = [verdict[f"{direction}_ratio"] for direction in ("up", "down")]
+    return (abs(verdict["rtt_ms"] - unshaped_rtt_ms - expected_ms) <= allowed_ms
+            and all(r is None or linkcheck.RATE_RATIO_LOW <= r <= linkcheck.RATE_RATIO_HIGH for r in ratios))
+
+
+def test_every_case_measured_its_links_and_netem_holds_every_one(runs, echo_lab):
+    """Every case probed its links on both backends. On netem each is within tolerance, its round
+    trip counted past what the same probe measures in this VM with nothing shaped: the probe's
+    pings are answered and timed by Python, and on an emulated CPU that adds milliseconds (seed-
+    demo's 40 ms link measured 41-43 on one CI machine, 45.2 on another, and was judged off by
+    0.2 ms). The delay line is a Python process on an emulated CPU here: where it falls short of
+    its link (4-5 ms added to a round trip, 14-15 of 20 Mbit/s up, measured), the case is marked
+    off, never hidden."""
+    unshaped_rtt_ms = echo_lab.probe([])["rtt_ms"]
     for name, by_backend in runs.items():
         for backend, run in by_backend.items():
             for record in records(run):
@@ -142,7 +156,8 @@ def test_every_case_measured_its_links_and_netem_holds_every_one(runs):
                     print(f"{name} {record['case']} on {backend}, {key}: {linkcheck.verdict_text(verdict)}")
                     assert verdict["rtt_ms"] is not None and verdict["rtt_ms"] >= verdict["rtt_expected_ms"] - 1
                 if backend == "netem":
-                    assert record["link_ok"] is True, (name, record["case"], measured)
+                    assert all(_holds_past(v, unshaped_rtt_ms) for v in measured.values()), \
+                        (name, record["case"], unshaped_rtt_ms, measured)
                 else:
                     assert record["link_ok"] == linkcheck.case_link_ok(measured)
     # The seed demo's sender: 20 ms each way on its own link, 10 Mbit/s both ways.

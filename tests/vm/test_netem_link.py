@@ -229,31 +229,13 @@ def test_a_schedule_step_changes_a_netem_link_during_a_case_and_auto_picks_netem
     assert record["expectations"][0]["passed"], record["expectations"]
 
 
-def _probe(echo_lab: GuestProject, link: list[str], sabotage: str | None = None) -> dict:
-    """Shape ``link`` on netem in the client container, run ``sabotage`` (a shell command) if
-    given, and probe the path to the server as every case does (socklab.linkprobe): the
-    probe's result, judged by labkit.linkcheck."""
-    from labkit import linkcheck
-    from socklab.results import find_results
-
-    apply = ["python3", "-m", "socklab", "shape", "apply", "backend=netem", *link]
-    probe = ["python3", "-m", "socklab", "probe", "--server", "server:5000"]
-    steps = [f"{' '.join(apply)} >&2", *([sabotage] if sabotage else []), " ".join(probe)]
-    done = echo_lab.vm.exec(["docker", "exec", echo_lab.client_container, "sh", "-c", " && ".join(steps)],
-                            timeout_s=300).check()
-    (found,) = [r for r in find_results(done.stdout) if r.get("role") == "probe"]
-    verdict = linkcheck.judge(found)
-    print(f"{' '.join(link)}{' then ' + sabotage if sabotage else ''}: {linkcheck.verdict_text(verdict)}")
-    return verdict
-
-
 def test_the_link_probe_proves_a_netem_link_and_catches_one_whose_ingress_filter_is_gone(echo_lab):
     link = ["delay=20ms", "rate=5mbit"]
     try:
-        proven = _probe(echo_lab, link)
+        proven = echo_lab.probe(link)
         # The down direction's qdiscs are in place on ifb0, but nothing sends them a packet: the
         # ingress redirect that feeds them is gone (the netem wrappers' "filter that never matched").
-        broken = _probe(echo_lab, link, "tc qdisc del dev eth0 ingress")
+        broken = echo_lab.probe(link, "tc qdisc del dev eth0 ingress")
     finally:
         echo_lab.shape("apply")
     assert proven["ok"] is True, proven
