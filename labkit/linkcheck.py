@@ -53,6 +53,16 @@ def _mbit(rate_bps: float) -> str:
     return f"{rate_bps / 1e6:.3g} Mbit/s"
 
 
+def rtt_allowed_ms(expected_ms: float, jitter_ms: float = 0.0) -> float:
+    """How far a measured round trip may sit from ``expected_ms`` (either way)."""
+    return max(RTT_TOLERANCE_FRACTION * expected_ms, RTT_TOLERANCE_MS) + jitter_ms
+
+
+def rate_ratio_ok(ratio: float) -> bool:
+    """Whether a measured rate, as a ratio of the configured one, is within tolerance."""
+    return RATE_RATIO_LOW <= ratio <= RATE_RATIO_HIGH
+
+
 def judge(probe: Mapping[str, Any]) -> dict[str, Any]:
     """One probe's result (a ``probe`` result line) judged: measured beside expected, ratios, ``ok``.
 
@@ -75,7 +85,7 @@ def judge(probe: Mapping[str, Any]) -> dict[str, Any]:
     judged = False
     if measured_rtt is not None:
         judged = True
-        allowed_ms = max(RTT_TOLERANCE_FRACTION * expected_rtt, RTT_TOLERANCE_MS) + jitter_ms
+        allowed_ms = rtt_allowed_ms(expected_rtt, jitter_ms)
         if abs(measured_rtt - expected_rtt) > allowed_ms:
             off.append(f"round trip {measured_rtt:.3g} ms where {expected_rtt:g} ms was configured "
                             f"(allowed ± {allowed_ms:.3g} ms)")
@@ -87,7 +97,7 @@ def judge(probe: Mapping[str, Any]) -> dict[str, Any]:
         verdict[f"{direction}_ratio"] = ratio = _ratio(got, want)
         if ratio is not None:
             judged = True
-            if not RATE_RATIO_LOW <= ratio <= RATE_RATIO_HIGH:
+            if not rate_ratio_ok(ratio):
                 off.append(f"{direction} rate {_mbit(got)} where {_mbit(want)} was configured "
                                 f"({ratio:g} of it)")
     verdict["rate_by"] = probe.get("rate_by")

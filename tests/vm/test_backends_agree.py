@@ -132,10 +132,9 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
 def _holds_past(verdict: dict, unshaped_rtt_ms: float) -> bool:
     """linkcheck's tolerances on a probe's verdict, its round trip counted past ``unshaped_rtt_ms``."""
     expected_ms = verdict["rtt_expected_ms"]
-    allowed_ms = max(linkcheck.RTT_TOLERANCE_FRACTION * expected_ms, linkcheck.RTT_TOLERANCE_MS)
     ratios = [verdict[f"{direction}_ratio"] for direction in ("up", "down")]
-    return (abs(verdict["rtt_ms"] - unshaped_rtt_ms - expected_ms) <= allowed_ms
-            and all(r is None or linkcheck.RATE_RATIO_LOW <= r <= linkcheck.RATE_RATIO_HIGH for r in ratios))
+    return (abs(verdict["rtt_ms"] - unshaped_rtt_ms - expected_ms) <= linkcheck.rtt_allowed_ms(expected_ms)
+            and all(r is None or linkcheck.rate_ratio_ok(r) for r in ratios))
 
 
 def test_every_case_measured_its_links_and_netem_holds_every_one(runs, echo_lab):
