@@ -31,6 +31,11 @@ BASE_IMAGE = os.environ.get("BASE_IMAGE", "socklab-base:bookworm")
 # vm1 and vm2, the swarm's workers, start ten client containers each at once: on 512 MiB
 # that had a worker's dockerd killed for want of memory, and 1 GiB peaked at 819 MiB used.
 FABRIC_MEMORY_MIB = (1024, 1536, 1536)
+# An emulated CPU now and then runs late for a while (another process of the
+# host's, QEMU's own threads): a measurement whose round trips spread, or that
+# misses, is taken again, at most this many times in all. A link that is wrong
+# misses every time; every attempt is printed.
+ATTEMPTS = 3
 
 
 # What the lab needs to build and run: the tests, docs and recorded results stay on the host.

@@ -20,7 +20,7 @@ import pytest
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import ECHO, GuestProject, in_tree, netem_qdiscs, unshaped_after_idle_ms
+from .guestlab import ATTEMPTS, ECHO, GuestProject, in_tree, netem_qdiscs, unshaped_after_idle_ms
 
 # The first test of a session also waits for the image (built once, ~6 min) and the boots.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -48,11 +48,6 @@ def unshaped_rtt_ms(echo_lab) -> float:
 
 
 DELAYS = [(5, "up"), (5, "both"), (20, "up"), (20, "both"), (100, "up"), (100, "both")]
-# An emulated CPU now and then runs late for a while (another process of the
-# host's, QEMU's own threads): a measurement whose round trips spread, or that
-# misses, is taken again, at most this many times in all. A link that is wrong
-# misses every time; every attempt is printed.
-ATTEMPTS = 3
 
 
 def test_delay_fidelity_rtt_against_the_unshaped_vm(echo_lab):
@@ -70,7 +65,8 @@ def test_delay_fidelity_rtt_against_the_unshaped_vm(echo_lab):
             tcp_ms, p50_ms = results["client"]["tcp"]["rtt_ms"], latency["p50"]
             held = within(tcp_ms, expected_ms, tolerance_ms) and within(p50_ms, expected_ms, tolerance_ms)
             rows.append(f"{delay_ms:>4} ms {directions:<4}: expected {expected_ms:8.3f} ms (configured + unshaped "
-                        f"{unshaped_rtt_ms:.3f} after as long idle); TCP_INFO {tcp_ms:8.3f} ms, ping-pong p50 {p50_ms:8.3f} ms "
+                        f"{unshaped_rtt_ms:.3f} after as long idle); TCP_INFO {tcp_ms:8.3f} ms, "
+                        f"ping-pong p50 {p50_ms:8.3f} ms "
                         f"(ratio {p50_ms / expected_ms:.4f}; ±{tolerance_ms:.2f} ms; attempt {attempt})")
             if held and latency["p90"] - latency["p50"] <= tolerance_ms:
                 break
