@@ -158,6 +158,14 @@ class GuestProject:
               f"{linkcheck.verdict_text(verdict)}")
         return verdict
 
+    def probe_until_held(self, link: list[str], unshaped_rtt_ms: float, attempts: int = ATTEMPTS) -> list[dict]:
+        """Probe ``link`` until a verdict holds past ``unshaped_rtt_ms`` (see holds_past), at most
+        ``attempts`` times: every verdict, in order (a wrong link misses every time)."""
+        verdicts = [self.probe(link)]
+        while not holds_past(verdicts[-1], unshaped_rtt_ms) and len(verdicts) < attempts:
+            verdicts.append(self.probe(link))
+        return verdicts
+
     def link(self) -> dict:
         """The client container's link as applied, with the kernel's qdisc counters."""
         return json.loads(self.shape("show", "--json"))
@@ -203,6 +211,17 @@ class GuestProject:
             self.vm.exec(["rm", "-f", self.override])
         except FabricError:
             pass
+
+
+def holds_past(verdict: dict, unshaped_rtt_ms: float) -> bool:
+    """linkcheck's tolerances on a probe's verdict, its round trip counted past ``unshaped_rtt_ms``
+    (what the probe measures in the same VM with nothing shaped): its pings are answered and timed
+    by Python, and on an emulated CPU that adds milliseconds to every round trip (40 ms of netem
+    probed 41-45)."""
+    expected_ms = verdict["rtt_expected_ms"]
+    ratios = [verdict[f"{direction}_ratio"] for direction in ("up", "down")]
+    return (abs(verdict["rtt_ms"] - unshaped_rtt_ms - expected_ms) <= linkcheck.rtt_allowed_ms(expected_ms)
+            and all(r is None or linkcheck.rate_ratio_ok(r) for r in ratios))
 
 
 def unshaped_after_idle_ms(echo_lab: GuestProject, idle_ms: float, requests: int) -> float:
