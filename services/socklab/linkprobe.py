@@ -100,31 +100,47 @@ def _leg(applied: Mapping[str, Any] | None, direction: str) -> Mapping[str, Any]
     return ((applied or {}).get(direction)) or {}
 
 
-def _min_rate_bps(legs: Sequence[Mapping[str, Any]]) -> int | None:
+def path_legs(client_applied: Mapping[str, Any], server_applied: Mapping[str, Any]) -> dict[str, tuple]:
+    """The two legs each direction of the path crosses (pure): client -> server ("up") passes the
+    client's up and the server's down; server -> client ("down") the server's up and the client's down."""
+    return {"up": (_leg(client_applied, "up"), _leg(server_applied, "down")),
+            "down": (_leg(server_applied, "up"), _leg(client_applied, "down"))}
+
+
+def legs_total(legs: Sequence[Mapping[str, Any]], name: str) -> float:
+    """What ``legs`` add up to in ``name`` ("delay_ms" or "jitter_ms")."""
+    return round(sum(float(leg.get(name) or 0) for leg in legs), 6)
+
+
+def legs_min_rate_bps(legs: Sequence[Mapping[str, Any]]) -> int | None:
+    """The slowest rate set on ``legs``, or None if none is."""
     rates = [leg["rate_bps"] for leg in legs if leg.get("rate_bps") is not None]
     return min(rates) if rates else None
+
+
+def legs_loss_pct(legs: Sequence[Mapping[str, Any]]) -> float:
+    """The chance that a packet crossing every one of ``legs`` is lost by one of them."""
+    survive = math.prod(1 - float(leg.get("loss_pct") or 0) / 100 for leg in legs)
+    # Rounded so that 1% each way reads 1.99, not 1.9900000000000029.
+    return round((1 - survive) * 100, 9)
 
 
 def expected_path(client_applied: Mapping[str, Any], server_applied: Mapping[str, Any]) -> dict[str, Any]:
     """What the two containers' shaping makes of the path between them (pure).
 
-    Client -> server ("up") passes the client's up and the server's down;
-    server -> client ("down") the server's up and the client's down. Returns
-    {"rtt_ms": the four delays, "jitter_ms": the four jitters, "up_rate_bps",
-    "down_rate_bps": the slowest rate set on that path or None, "loss_pct": the
-    chance that a round trip loses its packet or its answer}.
+    Returns {"rtt_ms": the four delays (path_legs), "jitter_ms": the four
+    jitters, "up_rate_bps", "down_rate_bps": the slowest rate set on that path
+    or None, "loss_pct": the chance that a round trip loses its packet or its
+    answer}.
     """
-    up_path = (_leg(client_applied, "up"), _leg(server_applied, "down"))
-    down_path = (_leg(server_applied, "up"), _leg(client_applied, "down"))
-    legs = up_path + down_path
-    survive = math.prod(1 - float(leg.get("loss_pct") or 0) / 100 for leg in legs)
+    paths = path_legs(client_applied, server_applied)
+    legs = paths["up"] + paths["down"]
     return {
-        "rtt_ms": round(sum(float(leg.get("delay_ms") or 0) for leg in legs), 6),
-        "jitter_ms": round(sum(float(leg.get("jitter_ms") or 0) for leg in legs), 6),
-        "up_rate_bps": _min_rate_bps(up_path),
-        "down_rate_bps": _min_rate_bps(down_path),
-        # Rounded so that 1% each way reads 1.99, not 1.9900000000000029.
-        "loss_pct": round((1 - survive) * 100, 9),
+        "rtt_ms": legs_total(legs, "delay_ms"),
+        "jitter_ms": legs_total(legs, "jitter_ms"),
+        "up_rate_bps": legs_min_rate_bps(paths["up"]),
+        "down_rate_bps": legs_min_rate_bps(paths["down"]),
+        "loss_pct": legs_loss_pct(legs),
     }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import subprocess
 import sys
 import tarfile
@@ -26,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from labkit import linkcheck
-from socklab import units
-from socklab.shaping.model import format_percent
+from socklab import linkprobe
+from socklab.shaping.model import LinkChanges, assignments_from_changes
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
@@ -134,34 +133,29 @@ def test_every_case_holds_its_expectations_on_both_backends(runs):
 
 def path_link_words(applied: dict, key: str) -> list[str]:
     """Shape words that give client ``key`` alone the path a case's links made between it and the
-    server (``applied``: the record's link.applied): each direction's two legs in one, the delays and
-    jitters added, the slower rate, the losses compounded."""
-    legs = {"up": (applied[key].get("up") or {}, applied["server"].get("down") or {}),
-            "down": (applied["server"].get("up") or {}, applied[key].get("down") or {})}
-    words = []
-    for direction, pair in legs.items():
-        delay_ms, jitter_ms = (sum(float(leg.get(f) or 0) for leg in pair) for f in ("delay_ms", "jitter_ms"))
-        rates = [leg["rate_bps"] for leg in pair if leg.get("rate_bps") is not None]
-        loss_pct = 100 * (1 - math.prod(1 - float(leg.get("loss_pct") or 0) / 100 for leg in pair))
-        words += [f"{direction}.rate={units.format_rate(min(rates))}"] if rates else []
-        words += [f"{direction}.delay={units.format_duration(delay_ms / 1000)}"] if delay_ms else []
-        words += [f"{direction}.jitter={units.format_duration(jitter_ms / 1000)}"] if jitter_ms else []
-        words += [f"{direction}.loss={format_percent(round(loss_pct, 6))}"] if loss_pct else []
-    return words
+    server (``applied``: the record's link.applied): each direction's two legs (linkprobe.path_legs)
+    in one, the delays and jitters added, the slower rate, the losses compounded."""
+    changes = LinkChanges()
+    for direction, legs in linkprobe.path_legs(applied[key], applied["server"]).items():
+        values = {"rate": linkprobe.legs_min_rate_bps(legs), "delay": linkprobe.legs_total(legs, "delay_ms"),
+                  "jitter": linkprobe.legs_total(legs, "jitter_ms"), "loss": linkprobe.legs_loss_pct(legs)}
+        for name, value in values.items():
+            if value:
+                changes.set(direction, name, value)
+    return assignments_from_changes(changes)
 
 
 def test_every_case_measured_its_links_and_netem_holds_every_one(runs, echo_lab):
     """Every case probed its links on both backends. On netem each is within tolerance, its round
-    trip counted past what the same probe measures in this VM with nothing shaped: the probe's
-    pings are answered and timed by Python, and on an emulated CPU that adds milliseconds (seed-
-    demo's 40 ms link measured 41-43 on one CI machine, 45.2 on another, and was judged off by
-    0.2 ms). Its rate trains are sent and timed by Python too, while the case's other clients probe
-    and the VM's engine works: a stall of a tenth of a second empties the bottleneck's queue (a
-    train is sent at 1.5 x the rate), and a good 20 Mbit/s netem link read 16 once. A netem link
-    the case's probe read off is marked so in the record, and the same path, shaped on the client
-    alone, is probed again here, up to ATTEMPTS in all: a wrong link misses every time. The delay
-    line is a Python process on an emulated CPU here: where it falls short of its link (4-5 ms
-    added to a round trip, 14-15 of 20 Mbit/s up, measured), the case is marked off, never hidden."""
+    trip counted past what the same probe measures in this VM with nothing shaped (guestlab.holds_past;
+    seed-demo's 40 ms link probed 45.2 once, and linkcheck alone judged it off by 0.2 ms). The rate
+    trains are sent and timed by Python as well, while the case's other clients probe and the VM's
+    engine works: a stall of a tenth of a second empties the bottleneck's queue (a train is sent at
+    1.5 x the rate), and a good 20 Mbit/s netem link read 16 once. A netem link the case's probe read
+    off is marked so in the record, and the same path, shaped on the client alone, is probed again
+    here, up to ATTEMPTS in all: a wrong link misses every time. The delay line is a Python process
+    on an emulated CPU here: where it falls short of its link (4-5 ms added to a round trip, 14-15 of
+    20 Mbit/s up, measured), the case is marked off, never hidden."""
     unshaped_rtt_ms = echo_lab.probe([])["rtt_ms"]
     for name, by_backend in runs.items():
         for backend, run in by_backend.items():
