@@ -21,7 +21,7 @@ from labkit import linkcheck
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import ATTEMPTS, ECHO, GuestProject, holds_past, in_tree, netem_qdiscs, unshaped_after_idle_ms
+from .guestlab import ATTEMPTS, ECHO, GuestProject, holds_past, in_tree, netem_qdiscs, unshaped_after_idle
 
 # The first test of a session also waits for the image (built once, ~6 min) and the boots.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -52,24 +52,33 @@ DELAYS = [(5, "up"), (5, "both"), (20, "up"), (20, "both"), (100, "up"), (100, "
 
 
 def test_delay_fidelity_rtt_against_the_unshaped_vm(echo_lab):
+    """Each delay's round trip (TCP_INFO and the ping-pong's p50) within max(1 ms, 5 %) of the
+    configured delay plus the unshaped round trip after as long idle, measured just before. An
+    attempt that misses, or whose spread (p90 - p50) is wider than that tolerance past the
+    unshaped run's own spread, is measured again, up to ATTEMPTS; the last one is judged. The
+    unshaped spread is the VM's noise in the same attempt, not netem's jitter: on one slower CI
+    machine, two 5 ms attempts that held were measured again for a spread over 1 ms, and the
+    unshaped p50 alone moved from 4.3 to 8.1 ms between attempts."""
     rows, failures = [], []
     for delay_ms, directions in DELAYS:
         key = {"up": "up.delay", "both": "delay"}[directions]
         configured_ms = delay_ms * (2 if directions == "both" else 1)
         requests = 30 if configured_ms <= 50 else 15
         for attempt in range(1, ATTEMPTS + 1):
-            unshaped_rtt_ms = unshaped_after_idle_ms(echo_lab, configured_ms, requests)
-            expected_ms = configured_ms + unshaped_rtt_ms
+            unshaped = unshaped_after_idle(echo_lab, configured_ms, requests)
+            expected_ms = configured_ms + unshaped["p50"]
             tolerance_ms = max(1.0, 0.05 * expected_ms)
             results = echo_lab.client([f"{key}={delay_ms}ms"], *ECHO, "--requests", str(requests))
             latency = results["client"]["latency_ms"]
             tcp_ms, p50_ms = results["client"]["tcp"]["rtt_ms"], latency["p50"]
             held = within(tcp_ms, expected_ms, tolerance_ms) and within(p50_ms, expected_ms, tolerance_ms)
+            spread_ms, unshaped_spread_ms = latency["p90"] - p50_ms, unshaped["p90"] - unshaped["p50"]
             rows.append(f"{delay_ms:>4} ms {directions:<4}: expected {expected_ms:8.3f} ms (configured + unshaped "
-                        f"{unshaped_rtt_ms:.3f} after as long idle); TCP_INFO {tcp_ms:8.3f} ms, "
+                        f"{unshaped['p50']:.3f} after as long idle); TCP_INFO {tcp_ms:8.3f} ms, "
                         f"ping-pong p50 {p50_ms:8.3f} ms "
-                        f"(ratio {p50_ms / expected_ms:.4f}; ±{tolerance_ms:.2f} ms; attempt {attempt})")
-            if held and latency["p90"] - latency["p50"] <= tolerance_ms:
+                        f"(ratio {p50_ms / expected_ms:.4f}; ±{tolerance_ms:.2f} ms; p90 - p50 {spread_ms:.3f} ms, "
+                        f"unshaped {unshaped_spread_ms:.3f}; attempt {attempt})")
+            if held and spread_ms <= tolerance_ms + unshaped_spread_ms:
                 break
         netems = netem_qdiscs(results["link"])
         assert set(netems) == ({"up", "down"} if directions == "both" else {"up"}), netems
@@ -183,8 +192,8 @@ def test_each_direction_has_its_own_shape(bulk_lab, unshaped_rtt_ms):
 
 def test_link_set_changes_a_running_netem_link(echo_lab):
     # Each round trip is judged against the unshaped one after as long an idle
-    # wait (unshaped_after_idle_ms): measured first, as applying no link resets it.
-    unshaped_ms = {rtt_ms: unshaped_after_idle_ms(echo_lab, rtt_ms, 20) for rtt_ms in (20, 60)}
+    # wait (unshaped_after_idle): measured first, as applying no link resets it.
+    unshaped_ms = {rtt_ms: unshaped_after_idle(echo_lab, rtt_ms, 20)["p50"] for rtt_ms in (20, 60)}
     step_ms = 40 + unshaped_ms[60] - unshaped_ms[20]
     step_tolerance_ms = max(1.0, 0.05 * 40)
     # The change is what this test is about: 2 x 20 ms more on the round trip, from one
