@@ -85,7 +85,9 @@ def _run(vm, backend: str, name: str, host: Path, out: str, fixed: tuple[str, ..
             *[word for link in links for word in ("--set", f"{link}.backend={backend}")], "--out", out]
     done = in_tree(vm, argv, timeout_s=900)
     print(f"{name} on {backend} ({vm.name}):\n{done.stdout[-1500:]}")
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    # 1: a case failed or an expectation did not hold. Its record is kept and judged by the test
+    # about it (test_every_case_holds_its_expectations_on_both_backends), not by every test here.
+    assert done.returncode in (0, 1), done.stdout[-4000:] + done.stderr[-2000:]
     (run_dir,) = vm.sh(f"ls -d {out}/{name}/*").stdout.split()
     return _fetch_run(vm, run_dir, host / backend)
 
