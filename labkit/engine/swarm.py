@@ -358,11 +358,6 @@ class SwarmLab:
                 found.append(container)
         return found
 
-    def _started(self, short: str, count: int) -> list[LabContainer] | None:
-        """The containers of ``short``'s tasks once ``count`` have started; StartFailed if one was refused."""
-        found = self._containers_of(self._tasks(short), strict=True)
-        return sorted(found, key=lambda c: c.number) if len(found) >= count else None
-
     def _why_waiting(self, short: str) -> str:
         """What the swarm says of ``short``'s tasks that have not started (a placement no node meets)."""
         said = {(t.get("Status") or {}).get("Err") for t in self._tasks(short)
@@ -420,8 +415,7 @@ class SwarmLab:
         except proc.CommandError as exc:
             raise StartFailed(str(exc)) from None
         # The server first: it must listen before a client connects (no depends_on in stacks).
-        (server,) = wait_for(lambda: self._started(SERVER_SERVICE, 1), TASK_START_S,
-                             "the server's task did not start", why=lambda: self._why_waiting(SERVER_SERVICE))
+        (server,) = self._wait_started(SERVER_SERVICE, 1)
         if SERVER_SERVICE in services and stack["services"][SERVER_SERVICE].get("command") != ["hold"]:
             wait_for(lambda: self._listening(server), SERVER_LISTEN_S,
                      f"the server did not listen on port {SERVER_PORT}")
@@ -433,8 +427,9 @@ class SwarmLab:
                 int((stack.get(SCALE_KEY) or {}).get(short, 0))
             self._wait_started(short, replicas)
 
-    def _wait_started(self, short: str, count: int) -> None:
-        """Wait until ``count`` tasks of ``short`` have started, for as long as they make progress.
+    def _wait_started(self, short: str, count: int) -> list[LabContainer]:
+        """Wait until ``count`` tasks of ``short`` have started, for as long as they make progress;
+        their containers, by number.
 
         The bound is on a stall: StartFailed once no task of ``short`` has moved
         on a state for TASK_START_S while one still waits for the scheduler, or
@@ -442,14 +437,16 @@ class SwarmLab:
         engine is creating and starting the containers: ten at once on one
         emulated CPU stay in "starting" for over 60 s, while a placement that no
         node meets stays "pending" for good. A node lost meanwhile fails the
-        start at once, naming it.
+        start at once, naming it. The server's one task is waited for alike: on a
+        loaded host it was still starting on its node after 60 s.
         """
         progress, last_progress = -1, time.monotonic()
         while True:
             tasks = self._tasks(short)
-            started = len(self._containers_of(tasks, strict=True))
+            containers = self._containers_of(tasks, strict=True)
+            started = len(containers)
             if started >= count:
-                return
+                return sorted(containers, key=lambda c: c.number)
             waiting = [t for t in tasks if task_state(t) not in STARTED_STATES]
             for task in waiting:
                 lost = self.engine.lost_node(task.get("NodeID", ""))

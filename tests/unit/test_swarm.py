@@ -363,8 +363,31 @@ def test_a_server_task_that_never_starts_fails_within_the_bound(tmp_path, monkey
     client = swarm_of(["pending"], ["running"])
     lab = fake_lab(tmp_path, monkeypatch, FakeAPI(client))
     monkeypatch.setattr(swarm, "TASK_START_S", 0.1)
-    with pytest.raises(StartFailed, match=r"the server's task did not start within 0.1 s"):
+    with pytest.raises(StartFailed, match=r"^the tasks of server did not all start: 0 of 1, and none moved on "
+                                          r"within 0\.1 s$"):
         lab.start(["server", "client-sender"])
+    assert client.services_by_name["client-sender"].replicas == 0  # no client was started
+
+
+def test_a_server_task_that_keeps_starting_on_its_node_is_waited_for_past_the_bound(tmp_path, monkeypatch):
+    # As the clients' tasks are: on a loaded host the server's was still starting after 60 s.
+    client = swarm_of(["running"], ["running"])
+    api = FakeAPI(client)
+    lab = fake_lab(tmp_path, monkeypatch, api)
+    monkeypatch.setattr(swarm, "TASK_START_S", 0.3)
+    looks = iter(["pending", "assigned", "preparing", "preparing", "starting", "starting", "starting"])
+    server = client.services_by_name["server"]
+
+    def tasks():
+        state = next(looks, "running")
+        time.sleep(0.1)
+        return [{**task(state, slot=1, container="c-server" if state == "running" else None), "ID": "st_server-t0"}]
+
+    server.tasks = tasks
+    started = time.monotonic()
+    lab.start(["server", "client-sender"])  # 0.8 s in all, past the 0.3 s bound: never stalled that long
+    assert time.monotonic() - started >= 0.7
+    assert client.services_by_name["client-sender"].replicas == 3
 
 
 def test_a_placement_no_node_meets_fails_the_start_with_what_the_swarm_says(tmp_path, monkeypatch):
@@ -375,7 +398,8 @@ def test_a_placement_no_node_meets_fails_the_start_with_what_the_swarm_says(tmp_
     monkeypatch.setattr(swarm, "TASK_START_S", 0.1)
     with pytest.raises(StartFailed) as failed:
         lab.start(["server", "client-sender"])
-    assert str(failed.value) == f"the server's task did not start within 0.1 s: the swarm says {reason!r}"
+    assert str(failed.value) == (f"the tasks of server did not all start: 0 of 1, and none moved on within 0.1 s: "
+                                 f"the swarm says {reason!r}")
 
 
 def test_a_refused_client_task_fails_the_start(tmp_path, monkeypatch):

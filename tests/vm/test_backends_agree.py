@@ -30,7 +30,7 @@ from socklab.shaping.model import LinkChanges, assignments_from_changes
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import ATTEMPTS, holds_past, in_tree, unshaped_after_idle
+from .guestlab import ATTEMPTS, EMULATED_TIMEOUT, holds_past, in_tree, unshaped_after_idle
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
 
@@ -81,7 +81,7 @@ def _run(vm, backend: str, name: str, host: Path, out: str, fixed: tuple[str, ..
     ``name`` yet); its run directory, copied under ``host``/<backend>."""
     narrowing, links = EXPERIMENTS[name]
     argv = ["python3", "lab.py", "run", f"configs/{name}.yaml", "--repeat", "1", "--reuse", "--no-trace",
-            "--no-plots", *narrowing, *fixed,
+            "--no-plots", *EMULATED_TIMEOUT, *narrowing, *fixed,
             *[word for link in links for word in ("--set", f"{link}.backend={backend}")], "--out", out]
     done = in_tree(vm, argv, timeout_s=900)
     print(f"{name} on {backend} ({vm.name}):\n{done.stdout[-1500:]}")

@@ -21,7 +21,8 @@ from labkit import linkcheck
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import ATTEMPTS, ECHO, GuestProject, holds_past, in_tree, netem_qdiscs, unshaped_after_idle
+from .guestlab import (ATTEMPTS, ECHO, EMULATED_TIMEOUT, GuestProject, holds_past, in_tree, netem_qdiscs,
+                       unshaped_after_idle)
 
 # The first test of a session also waits for the image (built once, ~6 min) and the boots.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -231,7 +232,8 @@ LINK_STEP = ROOT / "tests" / "link-step.yaml"
 def test_a_schedule_step_changes_a_netem_link_during_a_case_and_auto_picks_netem(lab_vm):
     lab_vm.put("/root/link-step.yaml", LINK_STEP.read_bytes())
     out = "/root/runs/link-step"
-    done = in_tree(lab_vm, ["python3", "lab.py", "run", "/root/link-step.yaml", "--out", out], timeout_s=600)
+    done = in_tree(lab_vm, ["python3", "lab.py", "run", "/root/link-step.yaml", *EMULATED_TIMEOUT, "--out", out],
+                   timeout_s=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     (run,) = lab_vm.sh(f"ls -d {out}/link-step/*").stdout.split()
     (record,) = [json.loads(line) for line in lab_vm.get(f"{run}/cases.jsonl").decode().splitlines()]
