@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.vm import agent as protocol
-from tests.vm.fabric import AgentClient, FabricError, GuestResult, spawn, stop
+from tests.vm.fabric import AgentClient, Fabric, FabricError, GuestResult, spawn, stop
 from tests.vm.qemu import SUBNET, Image, VmSpec, kernel_cmdline, overlay_argv, qemu_argv
 from tests.vm.switch import LearningTable, frame_bytes, frames_in
 
@@ -68,8 +68,19 @@ def test_kvm_is_a_path_and_nothing_else_is():
         spec(accel="hvf")
     with pytest.raises(ValueError, match="memory_mib 128"):
         spec(memory_mib=128)
+    with pytest.raises(ValueError, match="cpus 0: use 1 to 8"):
+        spec(cpus=0)
     with pytest.raises(ValueError, match="does not fit"):
         spec(index=250)
+
+
+def test_a_vm_gets_the_vcpus_asked_for_and_a_fabric_names_them_per_vm():
+    assert option_values(qemu_argv(spec(cpus=2)), "-smp") == ["2"]
+    fabric = Fabric(Image(Path("/img")), Path("/w"), count=3, memory_mib=(1024, 1536, 1536), cpus=(2, 1, 1))
+    assert [(s.cpus, s.memory_mib) for s in fabric.specs] == [(2, 1024), (1, 1536), (1, 1536)]
+    assert [s.cpus for s in Fabric(Image(Path("/img")), Path("/w"), count=2).specs] == [1, 1]
+    with pytest.raises(ValueError, match="cpus names 2 VMs, the fabric has 3"):
+        Fabric(Image(Path("/img")), Path("/w"), count=3, cpus=(2, 1))
 
 
 def test_every_vm_gets_its_own_address_mac_and_files():

@@ -18,7 +18,7 @@ import time
 import pytest
 
 from .fabric import Fabric, Vm, build_image, missing_prerequisite
-from .guestlab import BASE_IMAGE, FABRIC_MEMORY_MIB, GuestProject, install_lab
+from .guestlab import BASE_IMAGE, FABRIC_CPUS, FABRIC_MEMORY_MIB, GuestProject, install_lab
 
 # Every timing of the tier's set-up, printed at the end of the session (pytest -s or -rA).
 TIMINGS: dict[str, float] = {}
@@ -39,8 +39,9 @@ def vm_image():
 @pytest.fixture(scope="session")
 def fabric(vm_image, tmp_path_factory):
     """Three VMs on one switch: vm0 runs the lab, vm1 and vm2 are its peers on the network and, in
-    test_swarm_across_vms.py, the swarm's workers (their sizes: guestlab.FABRIC_MEMORY_MIB)."""
-    vms = Fabric(vm_image, tmp_path_factory.mktemp("vm-fabric"), count=3, memory_mib=FABRIC_MEMORY_MIB)
+    test_swarm_across_vms.py, the swarm's workers (their sizes: guestlab.FABRIC_MEMORY_MIB and FABRIC_CPUS)."""
+    vms = Fabric(vm_image, tmp_path_factory.mktemp("vm-fabric"), count=3, memory_mib=FABRIC_MEMORY_MIB,
+                 cpus=FABRIC_CPUS)
     try:
         TIMINGS["boot to agents answering (3 VMs)"] = vms.start()
         started = time.monotonic()

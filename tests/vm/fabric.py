@@ -246,22 +246,29 @@ class Vm:
             return ""
 
 
+def _per_vm(name: str, value: Sequence[int] | int, count: int) -> list[int]:
+    """``value`` for each of ``count`` VMs: one for all, or one each (ValueError if the count differs)."""
+    values = [value] * count if isinstance(value, int) else list(value)
+    if len(values) != count:
+        raise ValueError(f"{name} names {len(values)} VMs, the fabric has {count}")
+    return values
+
+
 class Fabric:
     """N VMs on one learning switch, all ended by their PIDs on close."""
 
     def __init__(self, image: Image, workdir: Path, count: int, memory_mib: Sequence[int] | int = 1024,
-                 accel: str | None = None):
+                 accel: str | None = None, cpus: Sequence[int] | int = 1):
         if count < 1:
             raise ValueError("a fabric has at least one VM")
         self.image = image
         self.workdir = Path(workdir)
-        memories = [memory_mib] * count if isinstance(memory_mib, int) else list(memory_mib)
-        if len(memories) != count:
-            raise ValueError(f"memory_mib names {len(memories)} VMs, the fabric has {count}")
+        memories = _per_vm("memory_mib", memory_mib, count)
+        vcpus = _per_vm("cpus", cpus, count)
         # KVM only on request: where /dev/kvm cannot boot a stock kernel (PVM hosts) it hangs silently.
         accel = accel or os.environ.get("SOCKLAB_VM_ACCEL", "tcg")
         self.switch_socket = self.workdir / "switch.sock"
-        self.specs = [VmSpec(f"vm{i}", i, image, self.workdir, self.switch_socket, memories[i], accel)
+        self.specs = [VmSpec(f"vm{i}", i, image, self.workdir, self.switch_socket, memories[i], accel, vcpus[i])
                       for i in range(count)]
         self.vms: list[Vm] = []
         self._switch: subprocess.Popen | None = None

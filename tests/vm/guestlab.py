@@ -31,6 +31,14 @@ BASE_IMAGE = os.environ.get("BASE_IMAGE", "socklab-base:bookworm")
 # vm1 and vm2, the swarm's workers, start ten client containers each at once: on 512 MiB
 # that had a worker's dockerd killed for want of memory, and 1 GiB peaked at 819 MiB used.
 FABRIC_MEMORY_MIB = (1024, 1536, 1536)
+# vCPUs of the lab VM. netem runs in the kernel, on whichever CPU the packet is on; the delay
+# line is a process, and with one vCPU it shared that CPU with both ends of the flow it shapes:
+# the VM was 98 % busy through seed-demo's bulk, the line released packets 3.5-7 ms late, and
+# its goodput fell to 0.88-0.91 of netem's on a slower machine. Any machine a user runs the lab
+# on has a second CPU. (Raising the line's priority instead made it worse: 6.9 of 9.0 Mbit/s.)
+LAB_VM_CPUS = 2
+# The swarm's workers start containers and carry their flows; the emulated CPU is all they need.
+FABRIC_CPUS = (LAB_VM_CPUS, 1, 1)
 # An emulated CPU now and then runs late for a while (another process of the
 # host's, QEMU's own threads): a measurement whose round trips spread, or that
 # misses, is taken again, at most this many times in all. A link that is wrong

@@ -54,6 +54,7 @@ class VmSpec:
     switch_socket: Path
     memory_mib: int = 1024
     accel: str = "tcg"
+    cpus: int = 1
 
     def __post_init__(self) -> None:
         if self.accel not in ACCELS:
@@ -62,6 +63,8 @@ class VmSpec:
             raise ValueError(f"VM index {self.index} does not fit in {SUBNET}")
         if not 256 <= self.memory_mib <= 8192:
             raise ValueError(f"memory_mib {self.memory_mib}: use 256 to 8192")
+        if not 1 <= self.cpus <= 8:
+            raise ValueError(f"cpus {self.cpus}: use 1 to 8")
 
     @property
     def overlay(self) -> Path:
@@ -101,7 +104,7 @@ def qemu_argv(spec: VmSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     accel = TCG_ACCEL if spec.accel == "tcg" else "kvm"
     cpu = "max" if spec.accel == "tcg" else "host"
     return [
-        qemu, "-M", "pc", "-accel", accel, "-cpu", cpu, "-smp", "1", "-m", str(spec.memory_mib),
+        qemu, "-M", "pc", "-accel", accel, "-cpu", cpu, "-smp", str(spec.cpus), "-m", str(spec.memory_mib),
         "-name", spec.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", f"file:{spec.serial_log}",
         "-kernel", str(spec.image.kernel), "-initrd", str(spec.image.initrd),
