@@ -61,7 +61,7 @@ from overhead import BareReference, per_case  # noqa: E402
 from socklab.shaping.plan import tcp_ceiling_bps  # noqa: E402
 from socklab.units import parse_rate_bps  # noqa: E402
 from tests.vm.fabric import Fabric, Vm, build_image as build_vm_image, missing_prerequisite  # noqa: E402
-from tests.vm.guestlab import (BASE_IMAGE, FABRIC_CPUS, FABRIC_MEMORY_MIB, in_tree, install_lab,  # noqa: E402
+from tests.vm.guestlab import (BASE_IMAGE, FABRIC_MEMORY_MIB, in_tree, install_lab,  # noqa: E402
                                leave_swarm, make_swarm, run_records)
 
 BARE_S = 300.0
@@ -167,7 +167,7 @@ def cross_host(quick: bool, log: Log) -> tuple[list[dict], dict]:
     repeat = 1 if quick else 2
     image = build_vm_image(env={"BASE_IMAGE": BASE_IMAGE})
     with tempfile.TemporaryDirectory(prefix="socklab-bench-swarm-") as workdir:
-        with Fabric(image, Path(workdir), count=3, memory_mib=FABRIC_MEMORY_MIB, cpus=FABRIC_CPUS) as fabric:
+        with Fabric(image, Path(workdir), count=3, memory_mib=FABRIC_MEMORY_MIB) as fabric:
             fabric.wait_docker()
             install_lab(fabric.vms[0])
             make_swarm(fabric.vms)

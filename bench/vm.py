@@ -39,7 +39,7 @@ from experiments import SOCKLAB, probe_command  # noqa: E402
 from fidelity import ClientRun, rate_delay_goodput, round_trip, server_command  # noqa: E402
 from socklab.entry import ENV_KEEP  # noqa: E402
 from tests.vm.fabric import Fabric, Vm, build_image, missing_prerequisite  # noqa: E402
-from tests.vm.guestlab import BASE_IMAGE, LAB_VM_CPUS, GuestProject, install_lab  # noqa: E402
+from tests.vm.guestlab import BASE_IMAGE, GuestProject, install_lab  # noqa: E402
 
 MEMORY_MIB = 1024
 TIMER_SLEEP_MS, TIMER_SLEEPS = 1, 400
@@ -103,7 +103,7 @@ def run(quick: bool, log: Log) -> dict:
     image = build_image(env={"BASE_IMAGE": BASE_IMAGE})
     log(f"VM image ready in {time.monotonic() - started:.0f} s")
     with tempfile.TemporaryDirectory(prefix="socklab-bench-vm-") as workdir:
-        with Fabric(image, Path(workdir), count=1, memory_mib=MEMORY_MIB, cpus=LAB_VM_CPUS) as fabric:
+        with Fabric(image, Path(workdir), count=1, memory_mib=MEMORY_MIB) as fabric:
             fabric.wait_docker()
             (vm,) = fabric.vms
             log(f"VM up with Docker in {time.monotonic() - started:.0f} s")
