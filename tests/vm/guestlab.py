@@ -38,6 +38,8 @@ FABRIC_MEMORY_MIB = (1024, 1536, 1536)
 # on has a second CPU. (Raising the line's priority instead made it worse: 6.9 of 9.0 Mbit/s.)
 LAB_VM_CPUS = 2
 # The swarm's workers start containers and carry their flows; the emulated CPU is all they need.
+# vm1 is also where test_netem_link.py reads netem to the millisecond (conftest's netem_vm): on
+# one vCPU no wake-up crosses between emulated CPUs.
 # (bench/vm.py and bench/swarm.py keep one vCPU per VM: BENCHMARKS.md's emulated sections were
 # measured so, and a change of their machine goes with a run that measures it.)
 FABRIC_CPUS = (LAB_VM_CPUS, 1, 1)
