@@ -18,7 +18,7 @@ import time
 import pytest
 
 from .fabric import Fabric, Vm, build_image, missing_prerequisite
-from .guestlab import BASE_IMAGE, FABRIC_CPUS, FABRIC_MEMORY_MIB, GuestProject, install_lab
+from .guestlab import BASE_IMAGE, FABRIC_CPUS, FABRIC_MEMORY_MIB, echo_project, install_lab
 
 # Every timing of the tier's set-up, printed at the end of the session (pytest -s or -rA).
 TIMINGS: dict[str, float] = {}
@@ -57,11 +57,7 @@ def fabric(vm_image, tmp_path_factory):
 @pytest.fixture(scope="session")
 def lab_vm(fabric) -> Vm:
     """vm0 with the working tree at GUEST_TREE and the lab image built there."""
-    vm = fabric.vms[0]
-    started = time.monotonic()
-    install_lab(vm)
-    TIMINGS["working tree into the VM, lab image built there"] = time.monotonic() - started
-    return vm
+    return _with_lab(fabric.vms[0], "working tree into the VM, lab image built there")
 
 
 @pytest.fixture(scope="session")
@@ -75,25 +71,21 @@ def netem_vm(fabric) -> Vm:
     ms on one vCPU). A wake-up that crosses to the other emulated CPU is slow. The VM's
     swarm tests install the lab again when vm1 joins as a worker.
     """
-    vm = fabric.vms[1]
+    return _with_lab(fabric.vms[1], "working tree into the netem VM, lab image built there")
+
+
+def _with_lab(vm: Vm, timing: str) -> Vm:
+    """``vm`` after install_lab, its time kept in TIMINGS under ``timing``."""
     started = time.monotonic()
     install_lab(vm)
-    TIMINGS["working tree into the netem VM, lab image built there"] = time.monotonic() - started
+    TIMINGS[timing] = time.monotonic() - started
     return vm
 
 
 @pytest.fixture(scope="session")
 def echo_lab(lab_vm):
-    """An unshaped iterative echo server in the lab VM, and a kept client container.
-
-    The iterative server waits in recv() alone. Under an emulated CPU the lab's
-    other servers take longer to wake after an idle gap than between
-    back-to-back requests, which a delayed link makes part of every round trip:
-    with a bare ping-pong client through 20 ms of netem, measured 20.50 ms p50
-    behind blocking, 21.33 behind threaded and 22.01 behind epoll (0.27-0.36 ms
-    unshaped behind each). That is the emulated server, not the link.
-    """
-    lab = GuestProject(lab_vm, "--mode", "blocking", "--workload", "echo")
+    """guestlab.echo_project in the lab VM: the references of test_backends_agree.py's runs."""
+    lab = echo_project(lab_vm)
     yield lab
     lab.down()
 

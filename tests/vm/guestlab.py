@@ -230,6 +230,19 @@ class GuestProject:
             pass
 
 
+def echo_project(vm: Vm) -> GuestProject:
+    """An unshaped iterative echo server in ``vm``, and a kept client container.
+
+    The iterative server waits in recv() alone. Under an emulated CPU the lab's
+    other servers take longer to wake after an idle gap than between
+    back-to-back requests, which a delayed link makes part of every round trip:
+    with a bare ping-pong client through 20 ms of netem, measured 20.50 ms p50
+    behind blocking, 21.33 behind threaded and 22.01 behind epoll (0.27-0.36 ms
+    unshaped behind each). That is the emulated server, not the link.
+    """
+    return GuestProject(vm, "--mode", "blocking", "--workload", "echo")
+
+
 def holds_past(verdict: dict, unshaped_rtt_ms: float) -> bool:
     """linkcheck's tolerances on a probe's verdict, its round trip counted past ``unshaped_rtt_ms``
     (what the probe measures in the same VM with nothing shaped): its pings are answered and timed

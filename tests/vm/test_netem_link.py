@@ -21,8 +21,8 @@ from labkit import linkcheck
 from socklab.shaping.plan import tcp_ceiling_bps
 from tests.unit.test_delayline import binomial_interval
 
-from .guestlab import (ATTEMPTS, ECHO, EMULATED_TIMEOUT, GuestProject, holds_past, in_tree, netem_qdiscs,
-                       unshaped_after_idle)
+from .guestlab import (ATTEMPTS, ECHO, EMULATED_TIMEOUT, GuestProject, echo_project, holds_past, in_tree,
+                       netem_qdiscs, unshaped_after_idle)
 
 # The first test of a session also waits for the image (built once, ~6 min) and the boots.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(1500)]
@@ -43,9 +43,8 @@ def bulk_lab(netem_vm):
 
 @pytest.fixture(scope="module")
 def netem_echo(netem_vm):
-    """An unshaped iterative echo server and a kept client container in the netem VM (see
-    conftest's netem_echo for why the iterative server)."""
-    lab = GuestProject(netem_vm, "--mode", "blocking", "--workload", "echo")
+    """guestlab.echo_project in the netem VM."""
+    lab = echo_project(netem_vm)
     yield lab
     lab.down()
 
@@ -117,7 +116,7 @@ def test_jitter_spreads_round_trips_as_netems_uniform_model(netem_echo, unshaped
     rows = []
     for attempt in range(1, ATTEMPTS + 1):
         results = netem_echo.client([f"up.delay={delay_ms:g}ms", f"up.jitter={jitter_ms:g}ms"], *ECHO,
-                                  "--requests", "400")
+                                    "--requests", "400")
         latency = results["client"]["latency_ms"]
         up = netem_qdiscs(results["link"])["up"]
         assert up["options"]["delay"]["jitter"] == jitter_ms / 1000, up["options"]
@@ -228,8 +227,8 @@ def test_link_set_changes_a_running_netem_link(netem_echo):
         step_ms = 40 + unshaped_ms[60] - unshaped_ms[20]
         netem_echo.shape("apply", "backend=netem", "delay=10ms")
         before_ms = netem_echo.run_client(*ECHO, "--requests", "20")["latency_ms"]["p50"]
-        changed = in_tree(netem_echo.vm, ["python3", "lab.py", "link", "--project", netem_echo.name, "set", "client",
-                                        "delay=30ms"]).check().stdout
+        changed = in_tree(netem_echo.vm, ["python3", "lab.py", "link", "--project", netem_echo.name, "set",
+                                          "client", "delay=30ms"]).check().stdout
         after_ms = netem_echo.run_client(*ECHO, "--requests", "20")["latency_ms"]["p50"]
         print(f"delay 10 -> 30 ms by `lab.py link set` ({changed.strip()}): p50 {before_ms:.3f} -> {after_ms:.3f} "
               f"ms; unshaped after 20 / 60 ms idle {unshaped_ms[20]:.3f} / {unshaped_ms[60]:.3f} ms, so the step "
@@ -255,7 +254,7 @@ def test_a_schedule_step_changes_a_netem_link_during_a_case_and_auto_picks_netem
     netem_vm.put("/root/link-step.yaml", LINK_STEP.read_bytes())
     out = "/root/runs/link-step"
     done = in_tree(netem_vm, ["python3", "lab.py", "run", "/root/link-step.yaml", *EMULATED_TIMEOUT, "--out", out],
-                   timeout_s=900)
+                     timeout_s=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     (run,) = netem_vm.sh(f"ls -d {out}/link-step/*").stdout.split()
     (record,) = [json.loads(line) for line in netem_vm.get(f"{run}/cases.jsonl").decode().splitlines()]
